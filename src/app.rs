@@ -1,0 +1,119 @@
+//! Dependency injection: the long-lived collaborators are built here once, at start-up, and
+//! handed to every handler as one [`App`]. Then [`run_serve`] binds and runs until stopped.
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::config::{ProviderConfig, ServeConfig};
+use crate::db::Db;
+use crate::deadline::{Exhausted, Op, Timeouts};
+use crate::middleware::{ApiKeys, Ctx};
+use crate::provider::client::ProviderClient;
+use crate::provider::sim;
+use crate::server;
+
+/// Everything a handler may use, built once.
+pub struct App {
+    pub config: ServeConfig,
+    /// The r2d2 SQLite pool.
+    pub db: Db,
+    /// The one shared provider client (ureq agent, pooled connections).
+    pub provider: ProviderClient,
+    pub keys: ApiKeys,
+    /// The configured per-step timeouts the deadline divides.
+    pub timeouts: Timeouts,
+    /// An idempotency lock older than this belongs to a request that died: request timeout + 1 s.
+    pub lock_ttl: Duration,
+    /// Set when shutdown begins: readiness fails from then on.
+    pub draining: AtomicBool,
+}
+
+impl App {
+    /// The slice of `ctx`'s deadline that `op` may take, starting now.
+    pub fn timeouts_slice(&self, ctx: &Ctx, op: Op) -> Result<Duration, Exhausted> {
+        ctx.deadline.slice(Instant::now(), &self.timeouts, op)
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+}
+
+/// Why `serve` stopped with an error: configuration (exit 2) or at run time (exit 1).
+#[derive(Debug)]
+pub enum ServeError {
+    Config(String),
+    Runtime(String),
+}
+
+/// Builds the dependencies, binds, logs `listening on http://ADDR`, and serves until SIGTERM or
+/// SIGINT.
+pub fn run_serve(config: ServeConfig) -> Result<(), ServeError> {
+    config.validate().map_err(ServeError::Config)?;
+    let (keys, dev) = config.api_keys();
+    if dev {
+        log::warn!(
+            "no --api-key configured: accepting only the development key `{}`",
+            crate::config::DEV_API_KEY
+        );
+    }
+    let db = Db::open(
+        &config.db,
+        config.pool_size,
+        config.sync,
+        config.write_timeout,
+    )
+    .map_err(ServeError::Runtime)?;
+    let provider_url = match &config.provider_url {
+        Some(url) => url.clone(),
+        None => {
+            let sim = sim::start(&ProviderConfig {
+                addr: "127.0.0.1:0".parse().expect("a literal address"),
+                latency: Duration::ZERO,
+                jitter: Duration::ZERO,
+                fail_rate: 0.0,
+                hang_rate: 0.0,
+                ambiguous_rate: 0.0,
+                seed: None,
+            })
+            .map_err(ServeError::Runtime)?;
+            log::info!("no --provider-url: started the simulated provider in-process");
+            sim.url()
+        }
+    };
+    let provider = ProviderClient::new(
+        &provider_url,
+        config.workers as usize,
+        (config.provider_timeout / 2).max(Duration::from_millis(1)),
+    );
+    let listener = TcpListener::bind(config.addr)
+        .map_err(|e| ServeError::Runtime(format!("cannot bind {}: {e}", config.addr)))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| ServeError::Runtime(e.to_string()))?;
+    let app = Arc::new(App {
+        timeouts: Timeouts {
+            acquire: config.acquire_timeout,
+            write: config.write_timeout,
+            provider: config.provider_timeout,
+        },
+        lock_ttl: config.request_timeout + Duration::from_secs(1),
+        keys: ApiKeys::new(&keys),
+        db,
+        provider,
+        draining: AtomicBool::new(false),
+        config,
+    });
+    let stop = crate::shutdown::install_signal_handlers().map_err(ServeError::Runtime)?;
+    log::info!(
+        "listening on http://{addr} (workers {}, queue {}, pool {}, db {}); provider {}",
+        app.config.workers,
+        app.config.queue,
+        app.config.pool_size,
+        app.config.db.display(),
+        provider_url
+    );
+    server::run(app, listener, stop).map_err(ServeError::Runtime)
+}

@@ -1,0 +1,31 @@
+//! # paytrace
+//!
+//! A synchronous, thread-per-request payments server. One request, `POST /payments`, travels
+//! through seven mechanisms on one code path, and one deadline budget is divided among them:
+//!
+//! | unit | mechanism | where |
+//! |---|---|---|
+//! | 01 | accept and parse: body and header limits, backpressure | [`server::run`], [`http::check_head`], [`http::read_body`] |
+//! | 02 | middleware and dependency injection | [`middleware`], [`app::App`] |
+//! | 03 | a bounded worker pool instead of an event loop | [`server::run`] (dispatcher + `worker`) |
+//! | 04 | the connection pool with an acquisition timeout | [`db::Db::acquire`], [`db::write_tx`] |
+//! | 05 | the idempotency table | [`idempotency::claim`], [`idempotency::persist`] |
+//! | 06 | the provider call, bounded by its slice of the budget | [`provider::client::ProviderClient::charge`] |
+//! | 07 | graceful shutdown in reverse dependency order | [`shutdown`], the end of [`server::run`] |
+//!
+//! The budget itself is [`deadline::Deadline::slice`]; the handler that walks the steps in
+//! order is [`payments::create`].
+
+pub mod app;
+pub mod config;
+pub mod db;
+pub mod deadline;
+pub mod error;
+pub mod http;
+pub mod idempotency;
+pub mod ids;
+pub mod middleware;
+pub mod payments;
+pub mod provider;
+pub mod server;
+pub mod shutdown;

@@ -1,0 +1,584 @@
+//! The handlers. [`create`] is the request path of `POST /payments`, top to bottom: validate,
+//! claim (pool + idempotency), call the provider (breaker + budget), persist, answer. Each step
+//! takes its slice of the deadline and counts its time in the context.
+
+use std::time::{Instant, SystemTime};
+
+use serde_json::{Map, Value, json};
+use tiny_http::Request;
+
+use crate::app::App;
+use crate::db::{self, DbError, Payment, PaymentStatus, write_tx};
+use crate::deadline::{Exhausted, Op, Step};
+use crate::error::{ApiError, FieldError};
+use crate::http::{self, Reply};
+use crate::idempotency::{self, Attempt, NewPayment, NextAction, StoredResponse};
+use crate::middleware::Ctx;
+use crate::provider::client::ChargeOutcome;
+
+const MAX_AMOUNT: i64 = 99_999_999;
+
+/// `POST /payments`.
+pub fn create(app: &App, ctx: &mut Ctx, request: &mut Request) -> Result<Reply, ApiError> {
+    let key = idempotency_key(request)?;
+    http::require_json(request)?;
+    let body = http::read_body(request, app.config.max_body)?;
+    let input = parse_new_payment(&body)?;
+    let fingerprint = idempotency::fingerprint("POST", "/payments", &input);
+    let scope = ctx.scope()?.to_string();
+    let token = ctx.request_id.clone();
+    let attempt = Attempt {
+        scope: &scope,
+        key: &key,
+        token: &token,
+    };
+
+    // 1. Claim: borrow a connection, decide in one short transaction, give it back.
+    let action = {
+        let mut conn = acquire(app, ctx, Op::ClaimAcquire)?;
+        let busy = slice(app, ctx, Op::ClaimWrite)?;
+        let lock_ttl = app.lock_ttl;
+        ctx.timed(Step::Claim, || {
+            write_tx(&mut conn, busy, |tx| {
+                idempotency::claim(
+                    tx,
+                    attempt,
+                    &fingerprint,
+                    &input,
+                    SystemTime::now(),
+                    lock_ttl,
+                )
+            })
+        })
+        .map_err(|e| db_error(e, Step::Claim, None))?
+    };
+    let (mut payment, resumed) = match action {
+        NextAction::Replay(stored) => {
+            ctx.idempotency = Some("replayed");
+            return Ok(replay(stored));
+        }
+        NextAction::InUse => {
+            ctx.idempotency = Some("in-use");
+            return Err(ApiError::KeyInUse);
+        }
+        NextAction::Reused => {
+            ctx.idempotency = Some("reused");
+            return Err(ApiError::KeyReused);
+        }
+        NextAction::Charge { payment, resumed } => (payment, resumed),
+    };
+    ctx.idempotency = Some(if resumed { "resumed" } else { "new" });
+
+    // 2. The provider call: no connection is held; the payment id is the provider's key.
+    let outcome = match app.timeouts_slice(ctx, Op::ProviderCall) {
+        Ok(timeout) => Some(ctx.timed(Step::Provider, || {
+            app.provider.charge(
+                &payment.id,
+                payment.amount,
+                &payment.currency,
+                &payment.source,
+                timeout,
+            )
+        })),
+        Err(_) => None,
+    };
+    let (stored, result) = settle(&mut payment, outcome, &ctx.request_id);
+
+    // 3. Persist: the final status, and the response to replay when the outcome is final.
+    let persisted = acquire(app, ctx, Op::PersistAcquire).and_then(|mut conn| {
+        let busy = slice(app, ctx, Op::PersistWrite)?;
+        ctx.timed(Step::Persist, || {
+            write_tx(&mut conn, busy, |tx| {
+                idempotency::persist(tx, attempt, &payment, stored.as_ref(), SystemTime::now())
+            })
+        })
+        .map_err(|e| db_error(e, Step::Persist, Some(&payment)))
+    });
+    if let Err(e) = persisted {
+        // The outcome could not be recorded: the key stays locked until its lock goes stale,
+        // and a retry then resumes the same payment (the provider deduplicates the charge).
+        log::warn!(
+            "{}: could not persist {} ({e}); a retry will resume it",
+            ctx.request_id,
+            payment.id
+        );
+        return Err(match e {
+            ApiError::Overloaded { .. } => ApiError::DeadlineExceeded {
+                step: Step::Acquire,
+                payment: Some(as_pending(&payment)),
+            },
+            other => other,
+        });
+    }
+    result
+}
+
+/// The payment's new state and the answer, from what the provider said (or `None` when the
+/// budget left no useful slice for the call, so it was never made).
+fn settle(
+    payment: &mut Payment,
+    outcome: Option<ChargeOutcome>,
+    request_id: &str,
+) -> (Option<StoredResponse>, Result<Reply, ApiError>) {
+    // A payment whose charge may already exist from an earlier attempt stays pending until the
+    // provider says otherwise: "failed" is only for a charge that was certainly never made.
+    let never_sent = if payment.status == PaymentStatus::Pending {
+        PaymentStatus::Pending
+    } else {
+        PaymentStatus::Failed
+    };
+    payment.updated_at = db::timestamp(SystemTime::now());
+    match outcome {
+        Some(ChargeOutcome::Charged { charge_id }) => {
+            payment.status = PaymentStatus::Succeeded;
+            payment.provider_charge_id = Some(charge_id);
+            payment.failure_code = None;
+            let reply =
+                Reply::json(201, payment).header("Location", format!("/payments/{}", payment.id));
+            (Some(store(&reply)), Ok(reply))
+        }
+        Some(ChargeOutcome::Declined { charge_id, code }) => {
+            payment.status = PaymentStatus::Declined;
+            payment.provider_charge_id = charge_id;
+            payment.failure_code = Some(code);
+            let reply = declined(payment, request_id);
+            (Some(store(&reply)), Ok(reply))
+        }
+        Some(ChargeOutcome::Ambiguous { status, detail }) => {
+            log::warn!(
+                "{request_id}: provider answer for {} is ambiguous: {detail}",
+                payment.id
+            );
+            payment.status = PaymentStatus::Pending;
+            (
+                None,
+                Err(ApiError::ProviderError {
+                    status,
+                    payment: payment.to_json(),
+                }),
+            )
+        }
+        Some(ChargeOutcome::Timeout) => {
+            payment.status = PaymentStatus::Pending;
+            (
+                None,
+                Err(ApiError::DeadlineExceeded {
+                    step: Step::Provider,
+                    payment: Some(payment.to_json()),
+                }),
+            )
+        }
+        Some(ChargeOutcome::Unreachable { detail }) => {
+            payment.status = never_sent;
+            if never_sent == PaymentStatus::Failed {
+                payment.failure_code = Some("provider_unavailable".into());
+            }
+            (
+                None,
+                Err(ApiError::ProviderUnavailable {
+                    detail: format!(
+                        "the payment provider could not be reached ({detail}); nothing was charged"
+                    ),
+                    retry_after_s: 1,
+                    payment: Some(payment.to_json()),
+                }),
+            )
+        }
+        None => {
+            payment.status = never_sent;
+            (
+                None,
+                Err(ApiError::DeadlineExceeded {
+                    step: Step::Provider,
+                    payment: Some(payment.to_json()),
+                }),
+            )
+        }
+    }
+}
+
+fn as_pending(payment: &Payment) -> Value {
+    let mut v = payment.to_json();
+    if payment.status == PaymentStatus::Succeeded || payment.status == PaymentStatus::Declined {
+        // Not recorded yet: to the client the outcome is known only after a retry.
+        v["status"] = json!("pending");
+    }
+    v
+}
+
+/// 402 `card-declined`, a stored outcome.
+fn declined(payment: &Payment, request_id: &str) -> Reply {
+    Reply::problem(
+        402,
+        &json!({
+            "type": "/problems/card-declined",
+            "title": "Card declined",
+            "status": 402,
+            "detail": "the payment provider declined the card",
+            "code": "card-declined",
+            "request_id": request_id,
+            "payment": payment,
+        }),
+    )
+}
+
+fn store(reply: &Reply) -> StoredResponse {
+    let mut headers = vec![("Content-Type".to_string(), reply.content_type.clone())];
+    headers.extend(reply.headers.iter().cloned());
+    StoredResponse {
+        status: reply.status,
+        headers,
+        body: reply.body.clone(),
+    }
+}
+
+fn replay(stored: StoredResponse) -> Reply {
+    let mut reply = Reply::text(stored.status, "application/json", stored.body);
+    for (k, v) in stored.headers {
+        if k.eq_ignore_ascii_case("Content-Type") {
+            reply.content_type = v;
+        } else {
+            reply.headers.push((k, v));
+        }
+    }
+    reply.header("Idempotent-Replayed", "true")
+}
+
+/// `GET /payments/{id}`: another scope's payment is 404, like one that does not exist.
+pub fn get(app: &App, ctx: &mut Ctx, id: &str) -> Result<Reply, ApiError> {
+    let scope = ctx.scope()?.to_string();
+    let conn = acquire(app, ctx, Op::ClaimAcquire)?;
+    match db::get_payment(&conn, &scope, id) {
+        Ok(Some(p)) => Ok(Reply::json(200, &p)),
+        Ok(None) => Err(ApiError::NotFound),
+        Err(e) => Err(ApiError::Internal(e.to_string())),
+    }
+}
+
+/// `GET /payments?limit=&starting_after=`: newest first.
+pub fn list(app: &App, ctx: &mut Ctx, query: &str) -> Result<Reply, ApiError> {
+    let scope = ctx.scope()?.to_string();
+    let mut limit = 10usize;
+    let mut starting_after: Option<String> = None;
+    let mut errors = Vec::new();
+    for (k, v) in http::query_pairs(query) {
+        match k.as_str() {
+            "limit" => match v.parse::<usize>() {
+                Ok(n) if (1..=100).contains(&n) => limit = n,
+                _ => errors.push(FieldError::new(
+                    "limit",
+                    "must be a whole number from 1 to 100",
+                )),
+            },
+            "starting_after" => starting_after = Some(v),
+            other => errors.push(FieldError::new(other, "unknown query parameter")),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(ApiError::InvalidRequest {
+            detail: "the query is invalid".into(),
+            errors,
+        });
+    }
+    let conn = acquire(app, ctx, Op::ClaimAcquire)?;
+    match db::list_payments(&conn, &scope, limit, starting_after.as_deref()) {
+        Ok(Some((data, has_more))) => Ok(Reply::json(
+            200,
+            &json!({"object": "list", "data": data, "has_more": has_more}),
+        )),
+        Ok(None) => Err(ApiError::InvalidRequest {
+            detail: "starting_after names no payment of yours".into(),
+            errors: vec![FieldError::new("starting_after", "no such payment")],
+        }),
+        Err(e) => Err(ApiError::Internal(e.to_string())),
+    }
+}
+
+/// Borrows a pooled connection within the slice `op` may take; a timeout is 503 `overloaded`.
+fn acquire(app: &App, ctx: &mut Ctx, op: Op) -> Result<db::Conn, ApiError> {
+    let timeout = slice(app, ctx, op)?;
+    let t = Instant::now();
+    let conn = app.db.acquire(timeout);
+    ctx.add(Step::Acquire, t.elapsed());
+    conn.map_err(|e| match e {
+        DbError::AcquireTimeout => ApiError::Overloaded {
+            detail: format!(
+                "no database connection became free within {} ms (pool size {}); retry shortly",
+                timeout.as_millis(),
+                app.config.pool_size
+            ),
+            retry_after_s: 1,
+        },
+        other => ApiError::Internal(other.to_string()),
+    })
+}
+
+fn slice(app: &App, ctx: &Ctx, op: Op) -> Result<std::time::Duration, ApiError> {
+    app.timeouts_slice(ctx, op)
+        .map_err(|Exhausted { step }| ApiError::DeadlineExceeded {
+            step,
+            payment: None,
+        })
+}
+
+fn db_error(e: DbError, step: Step, payment: Option<&Payment>) -> ApiError {
+    match e {
+        DbError::Busy => ApiError::DeadlineExceeded {
+            step,
+            payment: payment.map(as_pending),
+        },
+        other => ApiError::Internal(other.to_string()),
+    }
+}
+
+/// The `Idempotency-Key` header: 1–255 visible ASCII, optionally as an RFC 8941 string.
+fn idempotency_key(request: &Request) -> Result<String, ApiError> {
+    let raw = http::header(request, "Idempotency-Key").ok_or(ApiError::IdempotencyKeyMissing)?;
+    let raw = raw.trim();
+    let key = match raw.strip_prefix('"').and_then(|r| r.strip_suffix('"')) {
+        Some(inner) => unescape_sf_string(inner).ok_or_else(|| {
+            ApiError::IdempotencyKeyInvalid("Idempotency-Key is not a valid quoted string".into())
+        })?,
+        None => raw.to_string(),
+    };
+    if http::is_visible_ascii(&key, 255) {
+        Ok(key)
+    } else {
+        Err(ApiError::IdempotencyKeyInvalid(
+            "Idempotency-Key must be 1 to 255 visible ASCII characters".into(),
+        ))
+    }
+}
+
+/// RFC 8941 sf-string content: `\"` and `\\` are the only escapes.
+fn unescape_sf_string(inner: &str) -> Option<String> {
+    let mut out = String::with_capacity(inner.len());
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => match chars.next() {
+                Some(e @ ('"' | '\\')) => out.push(e),
+                _ => return None,
+            },
+            '"' => return None,
+            c => out.push(c),
+        }
+    }
+    Some(out)
+}
+
+/// Validates the body of `POST /payments`, reporting every bad field at once.
+pub fn parse_new_payment(body: &[u8]) -> Result<NewPayment, ApiError> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid(format!("the body is not valid JSON: {e}")))?;
+    let Value::Object(mut fields) = value else {
+        return Err(ApiError::invalid("the body must be a JSON object"));
+    };
+    let mut errors = Vec::new();
+    let amount = match fields.remove("amount") {
+        Some(Value::Number(n)) => match n.as_i64() {
+            Some(a) if (1..=MAX_AMOUNT).contains(&a) => Some(a),
+            _ => {
+                errors.push(FieldError::new(
+                    "amount",
+                    format!("must be a whole number of minor units from 1 to {MAX_AMOUNT}"),
+                ));
+                None
+            }
+        },
+        Some(_) => {
+            errors.push(FieldError::new("amount", "must be an integer"));
+            None
+        }
+        None => {
+            errors.push(FieldError::new("amount", "is required"));
+            None
+        }
+    };
+    let currency = match take_string(&mut fields, "currency", &mut errors, true) {
+        Some(c) if c.len() == 3 && c.bytes().all(|b| b.is_ascii_alphabetic()) => {
+            let lower = c.to_ascii_lowercase();
+            if ISO_4217.split(' ').any(|code| code == lower) {
+                Some(lower)
+            } else {
+                errors.push(FieldError::new(
+                    "currency",
+                    format!("`{c}` is not an ISO 4217 currency code"),
+                ));
+                None
+            }
+        }
+        Some(_) => {
+            errors.push(FieldError::new(
+                "currency",
+                "must be a three-letter ISO 4217 code",
+            ));
+            None
+        }
+        None => None,
+    };
+    let source = match take_string(&mut fields, "source", &mut errors, true) {
+        Some(s) if (1..=255).contains(&s.chars().count()) => Some(s),
+        Some(_) => {
+            errors.push(FieldError::new("source", "must be 1 to 255 characters"));
+            None
+        }
+        None => None,
+    };
+    let description = match take_string(&mut fields, "description", &mut errors, false) {
+        Some(d) if d.chars().count() > 500 => {
+            errors.push(FieldError::new(
+                "description",
+                "must be at most 500 characters",
+            ));
+            None
+        }
+        other => other,
+    };
+    let mut unknown: Vec<&String> = fields.keys().collect();
+    unknown.sort();
+    for name in unknown {
+        errors.push(FieldError::new(name, "unknown field"));
+    }
+    match (amount, currency, source) {
+        (Some(amount), Some(currency), Some(source)) if errors.is_empty() => Ok(NewPayment {
+            amount,
+            currency,
+            source,
+            description,
+        }),
+        _ => Err(ApiError::InvalidRequest {
+            detail: format!(
+                "{} field{} invalid: {}",
+                errors.len(),
+                if errors.len() == 1 { " is" } else { "s are" },
+                errors
+                    .iter()
+                    .map(|e| e.field.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            errors,
+        }),
+    }
+}
+
+fn take_string(
+    fields: &mut Map<String, Value>,
+    name: &str,
+    errors: &mut Vec<FieldError>,
+    required: bool,
+) -> Option<String> {
+    match fields.remove(name) {
+        Some(Value::String(s)) => Some(s),
+        Some(Value::Null) | None if !required => None,
+        None => {
+            errors.push(FieldError::new(name, "is required"));
+            None
+        }
+        Some(_) => {
+            errors.push(FieldError::new(name, "must be a string"));
+            None
+        }
+    }
+}
+
+/// Active ISO 4217 currency codes.
+const ISO_4217: &str = "aed afn all amd ang aoa ars aud awg azn bam bbd bdt bgn bhd bif bmd bnd \
+bob bov brl bsd btn bwp byn bzd cad cdf che chf chw clf clp cny cop cou crc cuc cup cve czk djf \
+dkk dop dzd egp ern etb eur fjd fkp gbp gel ghs gip gmd gnf gtq gyd hkd hnl htg huf idr ils inr \
+iqd irr isk jmd jod jpy kes kgs khr kmf kpw krw kwd kyd kzt lak lbp lkr lrd lsl lyd mad mdl mga \
+mkd mmk mnt mop mru mur mvr mwk mxn mxv myr mzn nad ngn nio nok npr nzd omr pab pen pgk php pkr \
+pln pyg qar ron rsd rub rwf sar sbd scr sdg sek sgd shp sle sll sos srd ssp stn svc syp szl thb \
+tjs tmt tnd top try ttd twd tzs uah ugx usd usn uyi uyu uyw uzs ved ves vnd vuv wst xaf xag xau \
+xcd xcg xdr xof xpd xpf xpt xsu xua yer zar zmw zwg zwl";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errors_of(body: &str) -> Vec<String> {
+        match parse_new_payment(body.as_bytes()) {
+            Err(ApiError::InvalidRequest { errors, .. }) => {
+                errors.into_iter().map(|e| e.field).collect()
+            }
+            other => panic!("expected field errors, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_valid_body_is_normalized() {
+        let p = parse_new_payment(
+            br#"{"amount":1999,"currency":"USD","source":"tok_visa","description":null}"#,
+        )
+        .unwrap();
+        assert_eq!(p.currency, "usd");
+        assert_eq!(p.amount, 1999);
+        assert_eq!(p.description, None);
+    }
+
+    #[test]
+    fn every_bad_field_is_named() {
+        assert_eq!(
+            errors_of(r#"{"amount":0,"currency":"usd","source":"x"}"#),
+            ["amount"]
+        );
+        assert_eq!(
+            errors_of(r#"{"amount":100000000,"currency":"usd","source":"x"}"#),
+            ["amount"]
+        );
+        assert_eq!(
+            errors_of(r#"{"amount":1.5,"currency":"usd","source":"x"}"#),
+            ["amount"]
+        );
+        assert_eq!(
+            errors_of(r#"{"amount":"5","currency":"usd","source":"x"}"#),
+            ["amount"]
+        );
+        assert_eq!(
+            errors_of(r#"{"amount":5,"currency":"zzz","source":"x"}"#),
+            ["currency"]
+        );
+        assert_eq!(
+            errors_of(r#"{"amount":5,"currency":"us","source":"x"}"#),
+            ["currency"]
+        );
+        assert_eq!(
+            errors_of(r#"{"amount":5,"currency":"usd","source":""}"#),
+            ["source"]
+        );
+        assert_eq!(
+            errors_of(r#"{"amount":5,"currency":"usd","source":"x","tip":1}"#),
+            ["tip"]
+        );
+        let long = "d".repeat(501);
+        assert_eq!(
+            errors_of(&format!(
+                r#"{{"amount":5,"currency":"usd","source":"x","description":"{long}"}}"#
+            )),
+            ["description"]
+        );
+        assert_eq!(errors_of("{}"), ["amount", "currency", "source"]);
+    }
+
+    #[test]
+    fn malformed_json_is_named_as_such() {
+        match parse_new_payment(b"{\"amount\":") {
+            Err(ApiError::InvalidRequest { detail, .. }) => {
+                assert!(detail.contains("not valid JSON"), "{detail}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            parse_new_payment(b"[1]"),
+            Err(ApiError::InvalidRequest { .. })
+        ));
+    }
+
+    #[test]
+    fn quoted_keys_unescape() {
+        assert_eq!(unescape_sf_string(r#"a\"b\\c"#).as_deref(), Some("a\"b\\c"));
+        assert_eq!(unescape_sf_string(r#"a\nb"#), None);
+        assert_eq!(unescape_sf_string(r#"a"b"#), None);
+    }
+}

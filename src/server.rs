@@ -1,0 +1,299 @@
+//! The dispatcher and the bounded worker pool: the request path, top to bottom.
+//!
+//! ```text
+//! socket → tiny_http (parse) → dispatcher ──try_send──▶ [bounded queue] ──▶ N workers
+//!                                  └─ full: 503 overloaded at once         └─ handle(): guards,
+//!                                                                             middleware, handler
+//! ```
+//!
+//! tiny_http has no read timeouts, so `SO_RCVTIMEO`/`SO_SNDTIMEO` are set on the listening
+//! socket (Linux copies them to every accepted socket) and a keeper thread connects to the
+//! listener every timeout/5, because the same receive timeout also bounds `accept()` and
+//! tiny_http's accept thread dies on its first error. If it dies anyway, `recv()` reports it and
+//! the process exits 1: a server that cannot accept must not look alive.
+
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crossbeam::channel::{self, Receiver, TrySendError};
+use serde_json::json;
+use socket2::SockRef;
+use tiny_http::{Method, Request};
+
+use crate::app::App;
+use crate::deadline::Step;
+use crate::error::ApiError;
+use crate::http::{self, Reply};
+use crate::middleware::{self, Ctx};
+use crate::payments;
+
+/// A request read off the socket, waiting for a worker.
+struct Job {
+    request: Request,
+    /// When the dispatcher took it from tiny_http: the deadline starts here.
+    received: Instant,
+}
+
+/// How often the dispatcher looks at the stop flag while no request arrives.
+const POLL: Duration = Duration::from_millis(50);
+
+/// Serves on `listener` until `stop` is set, then drains and returns.
+pub fn run(app: Arc<App>, listener: TcpListener, stop: Arc<AtomicBool>) -> Result<(), String> {
+    let timeout = app.config.socket_timeout;
+    let sock = SockRef::from(&listener);
+    sock.set_read_timeout(Some(timeout))
+        .and_then(|_| sock.set_write_timeout(Some(timeout)))
+        .map_err(|e| format!("cannot set socket timeouts: {e}"))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let control = listener.try_clone().map_err(|e| e.to_string())?;
+    let server = tiny_http::Server::from_listener(listener, None).map_err(|e| e.to_string())?;
+
+    let keeper_stop = Arc::new(AtomicBool::new(false));
+    let keeper = {
+        let keeper_stop = keeper_stop.clone();
+        thread::Builder::new()
+            .name("accept-keeper".into())
+            .spawn(move || {
+                while !keeper_stop.load(Ordering::SeqCst) {
+                    // Only the accept() wake-up matters; the connection is closed at once.
+                    let _ = TcpStream::connect_timeout(&addr, Duration::from_secs(1));
+                    thread::sleep(timeout / 5);
+                }
+            })
+            .map_err(|e| e.to_string())?
+    };
+
+    let (tx, rx) = channel::bounded::<Job>(app.config.queue as usize);
+    let result = thread::scope(|scope| {
+        for i in 0..app.config.workers {
+            let rx = rx.clone();
+            let app = &app;
+            thread::Builder::new()
+                .name(format!("worker-{i}"))
+                .spawn_scoped(scope, move || worker(app, rx))
+                .map_err(|e| format!("cannot start worker {i}: {e}"))?;
+        }
+        drop(rx);
+        let outcome = dispatch(&app, &server, &control, &tx, &stop);
+        // Closing the channel lets the workers finish what is queued, then return.
+        drop(tx);
+        outcome
+    });
+    keeper_stop.store(true, Ordering::SeqCst);
+    let _ = keeper.join();
+    if result.is_ok() {
+        // Last, and only once every worker is done with it: the pool.
+        if let Err(e) = app.db.checkpoint(Duration::from_secs(2)) {
+            log::warn!("WAL checkpoint at shutdown failed: {e}");
+        }
+        log::info!("shutdown complete");
+    }
+    result
+}
+
+fn dispatch(
+    app: &App,
+    server: &tiny_http::Server,
+    control: &TcpListener,
+    tx: &channel::Sender<Job>,
+    stop: &AtomicBool,
+) -> Result<(), String> {
+    let mut closing = false;
+    loop {
+        if !closing && stop.load(Ordering::SeqCst) {
+            closing = true;
+            app.draining.store(true, Ordering::SeqCst);
+            log::info!("signal received: refusing new connections, draining");
+            // New connections are refused from now on; what tiny_http already queued still
+            // comes out of recv(), then it reports the accept thread's end.
+            let _ = SockRef::from(control).shutdown(Shutdown::Both);
+        }
+        match server.recv_timeout(POLL) {
+            Ok(Some(request)) => {
+                let job = Job {
+                    request,
+                    received: Instant::now(),
+                };
+                match tx.try_send(job) {
+                    Ok(()) => {}
+                    Err(TrySendError::Full(job)) => shed(app, job),
+                    Err(TrySendError::Disconnected(job)) => shed(app, job),
+                }
+            }
+            Ok(None) => {}
+            Err(_) if closing => return Ok(()),
+            Err(e) => {
+                return Err(format!(
+                    "the accept thread stopped ({e}); exiting rather than looking alive"
+                ));
+            }
+        }
+    }
+}
+
+/// The queue is full: 503 at once, from the dispatcher, without touching a worker.
+fn shed(app: &App, job: Job) {
+    let ctx = Ctx::new(&job.request, job.received, app.config.request_timeout);
+    let reply = ApiError::Overloaded {
+        detail: format!(
+            "all {} workers are busy and the queue of {} is full; retry shortly",
+            app.config.workers, app.config.queue
+        ),
+        retry_after_s: 1,
+    }
+    .into_reply(&ctx.request_id);
+    finish_and_send(&ctx, job.request, reply);
+}
+
+fn worker(app: &App, rx: Receiver<Job>) {
+    for job in rx.iter() {
+        handle(app, job);
+    }
+}
+
+/// One request on a worker: the panic boundary around the middleware chain and the handler.
+fn handle(app: &App, job: Job) {
+    let Job {
+        mut request,
+        received,
+    } = job;
+    // request id → access log: the context is created first and logged last, whatever happens.
+    let mut ctx = Ctx::new(&request, received, app.config.request_timeout);
+    let reply = guarded(&ctx.request_id.clone(), || {
+        route(app, &mut ctx, &mut request)
+    });
+    finish_and_send(&ctx, request, reply);
+}
+
+/// Runs `f`; an error becomes its problem response and a panic a 500, so the worker lives on.
+pub fn guarded(request_id: &str, f: impl FnOnce() -> Result<Reply, ApiError>) -> Reply {
+    match panic::catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(reply)) => reply,
+        Ok(Err(e)) => e.into_reply(request_id),
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            log::error!("{request_id}: handler panicked: {what}");
+            ApiError::Internal(what).into_reply(request_id)
+        }
+    }
+}
+
+fn route(app: &App, ctx: &mut Ctx, request: &mut Request) -> Result<Reply, ApiError> {
+    http::check_head(request)?;
+    let (path, query) = http::split_target(request.url());
+    let (path, query) = (path.to_string(), query.to_string());
+    let method = request.method().clone();
+    let is_get = matches!(method, Method::Get | Method::Head);
+    match path.as_str() {
+        "/healthz" if is_get => Ok(Reply::json(200, &json!({"status": "ok"}))),
+        "/readyz" if is_get => Ok(readiness(app)),
+        "/healthz" | "/readyz" => Err(ApiError::MethodNotAllowed { allow: "GET, HEAD" }),
+        "/payments" => {
+            if !matches!(method, Method::Post) && !is_get {
+                return Err(ApiError::MethodNotAllowed { allow: "GET, POST" });
+            }
+            protected(app, ctx, request)?;
+            if is_get {
+                payments::list(app, ctx, &query)
+            } else {
+                payments::create(app, ctx, request)
+            }
+        }
+        p => match p.strip_prefix("/payments/") {
+            Some(id) if !id.is_empty() && !id.contains('/') => {
+                if !is_get {
+                    return Err(ApiError::MethodNotAllowed { allow: "GET, HEAD" });
+                }
+                protected(app, ctx, request)?;
+                payments::get(app, ctx, id)
+            }
+            _ => Err(ApiError::NotFound),
+        },
+    }
+}
+
+/// The middleware links in front of every `/payments` handler: auth → rate limit → deadline.
+fn protected(app: &App, ctx: &mut Ctx, request: &Request) -> Result<(), ApiError> {
+    middleware::authenticate(&app.keys, ctx, request)?;
+    middleware::apply_deadline(ctx, request)
+}
+
+fn readiness(app: &App) -> Reply {
+    if app.is_draining() {
+        Reply::json(503, &json!({"status": "draining"}))
+    } else if !app.db.ping(app.config.acquire_timeout) {
+        Reply::json(503, &json!({"status": "database unavailable"}))
+    } else {
+        Reply::json(200, &json!({"status": "ready"}))
+    }
+}
+
+/// Adds `X-Request-Id` and `Server-Timing`, writes the response, then the access-log line.
+fn finish_and_send(ctx: &Ctx, request: Request, reply: Reply) {
+    let total = ctx.received.elapsed();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let mut timing: Vec<String> = if ctx.path == "/payments" && ctx.method == "POST" {
+        Step::ALL
+            .iter()
+            .map(|s| format!("{};dur={:.1}", s.name(), ms(ctx.timing(*s))))
+            .collect()
+    } else {
+        vec![format!("queue;dur={:.1}", ms(ctx.timing(Step::Queue)))]
+    };
+    timing.push(format!("total;dur={:.1}", ms(total)));
+    let reply = reply
+        .header("X-Request-Id", ctx.request_id.clone())
+        .header("Server-Timing", timing.join(", "));
+    let status = reply.status;
+    if let Err(e) = http::send(request, &reply) {
+        log::debug!("{}: writing the response failed: {e}", ctx.request_id);
+    }
+    log::info!(
+        target: "access",
+        "{} {} {} {} total_ms={:.1} queue_ms={:.1} acquire_ms={:.1} claim_ms={:.1} provider_ms={:.1} persist_ms={:.1} idempotency={}",
+        ctx.request_id,
+        ctx.method,
+        ctx.path,
+        status,
+        ms(total),
+        ms(ctx.timing(Step::Queue)),
+        ms(ctx.timing(Step::Acquire)),
+        ms(ctx.timing(Step::Claim)),
+        ms(ctx.timing(Step::Provider)),
+        ms(ctx.timing(Step::Persist)),
+        ctx.idempotency.unwrap_or("-"),
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panicking_handler_becomes_a_500_and_the_caller_continues() {
+        let reply = guarded("req_x", || panic!("boom"));
+        assert_eq!(reply.status, 500);
+        let body: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+        assert_eq!(body["code"], "internal-error");
+        assert_eq!(body["request_id"], "req_x");
+        // The same thread keeps working after the panic.
+        assert_eq!(
+            guarded("req_y", || Ok(Reply::json(200, &json!({})))).status,
+            200
+        );
+    }
+
+    #[test]
+    fn errors_become_their_problem_responses() {
+        let reply = guarded("r", || Err(ApiError::NotFound));
+        assert_eq!(reply.status, 404);
+    }
+}
