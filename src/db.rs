@@ -8,7 +8,9 @@
 //! committed in between, ignoring the busy timeout.
 
 use std::path::Path;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
+
+use crossbeam::channel::{self, Receiver, Sender};
 
 use r2d2::{Pool, PooledConnection};
 use r2d2_sqlite::SqliteConnectionManager;
@@ -84,6 +86,13 @@ impl DbError {
 #[derive(Clone)]
 pub struct Db {
     pool: Pool<SqliteConnectionManager>,
+    /// SQLite has one writer at a time, and its busy handler waits by napping and retrying
+    /// (naps of up to 100 ms), so under contention a writer can lose the race again and again
+    /// and miss its slice while the lock is free most of the time — holding a pooled connection
+    /// all the while. Writers of this process therefore queue here, in arrival order, for a
+    /// single token before they borrow a connection; SQLite's own busy wait is left only for
+    /// writers in other processes.
+    write_token: (Sender<()>, Receiver<()>),
 }
 
 impl Db {
@@ -128,7 +137,29 @@ impl Db {
             .connection_timeout(Duration::from_secs(5))
             .build(manager)
             .map_err(|e| format!("cannot open the pool on {}: {e}", path.display()))?;
-        Ok(Db { pool })
+        let write_token = channel::bounded(1);
+        write_token
+            .0
+            .send(())
+            .map_err(|_| "cannot create the write token".to_string())?;
+        Ok(Db { pool, write_token })
+    }
+
+    /// The right to write: this process's write token, then a pooled connection, both within
+    /// `timeout`. Writers queue for the token *before* borrowing a connection, so no pooled
+    /// connection sits idle while its holder waits for SQLite's single writer slot.
+    pub fn writer(&self, timeout: Duration) -> Result<Writer, DbError> {
+        let started = Instant::now();
+        self.write_token
+            .1
+            .recv_timeout(timeout)
+            .map_err(|_| DbError::AcquireTimeout)?;
+        let token = TokenGuard(self.write_token.0.clone());
+        let conn = self.acquire(timeout.saturating_sub(started.elapsed()))?;
+        Ok(Writer {
+            conn,
+            _token: token,
+        })
     }
 
     /// Borrows a connection, waiting at most `timeout`.
@@ -177,8 +208,35 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// A connection that may write. Dropping it returns the connection, then the token.
+pub struct Writer {
+    conn: Conn,
+    _token: TokenGuard,
+}
+
+impl Writer {
+    /// Runs `f` in one `BEGIN IMMEDIATE` transaction whose wait for SQLite's lock (held only by
+    /// other processes, since this one queues its writers) is at most `busy`.
+    pub fn transaction<T>(
+        &mut self,
+        busy: Duration,
+        f: impl FnOnce(&Transaction) -> rusqlite::Result<T>,
+    ) -> Result<T, DbError> {
+        write_tx(&mut self.conn, busy, f)
+    }
+}
+
+/// Gives the write token back however the writer ends, a panic included.
+struct TokenGuard(Sender<()>);
+
+impl Drop for TokenGuard {
+    fn drop(&mut self) {
+        let _ = self.0.try_send(());
+    }
+}
+
 /// Runs `f` in one `BEGIN IMMEDIATE` transaction that waits at most `busy` for the write lock.
-pub fn write_tx<T>(
+fn write_tx<T>(
     conn: &mut Conn,
     busy: Duration,
     f: impl FnOnce(&Transaction) -> rusqlite::Result<T>,
@@ -436,16 +494,34 @@ mod tests {
     }
 
     #[test]
+    fn writers_queue_for_the_token_and_give_up_after_their_timeout() {
+        let (_dir, db) = temp_db();
+        let first = db.writer(Duration::from_secs(1)).unwrap();
+        let t = Instant::now();
+        assert!(matches!(
+            db.writer(Duration::from_millis(50)),
+            Err(DbError::AcquireTimeout)
+        ));
+        assert!(t.elapsed() >= Duration::from_millis(50));
+        // Waiting for the token held no connection: a reader still gets one.
+        assert!(db.acquire(Duration::from_millis(50)).is_ok());
+        drop(first);
+        assert!(db.writer(Duration::from_millis(50)).is_ok());
+    }
+
+    #[test]
     fn payments_are_scoped_and_listed_newest_first() {
         let (_dir, db) = temp_db();
-        let mut c = db.acquire(Duration::from_secs(1)).unwrap();
-        write_tx(&mut c, Duration::from_millis(100), |tx| {
+        let mut w = db.writer(Duration::from_secs(1)).unwrap();
+        w.transaction(Duration::from_millis(100), |tx| {
             for i in 0..3 {
                 insert_payment(tx, "a", &payment(&format!("pay_{i}")))?;
             }
             insert_payment(tx, "b", &payment("pay_b"))
         })
         .unwrap();
+        drop(w);
+        let c = db.acquire(Duration::from_secs(1)).unwrap();
         assert!(get_payment(&c, "a", "pay_b").unwrap().is_none());
         assert!(get_payment(&c, "b", "pay_b").unwrap().is_some());
         let (page, more) = list_payments(&c, "a", 2, None).unwrap().unwrap();

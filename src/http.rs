@@ -75,9 +75,38 @@ impl Reply {
     }
 }
 
-/// Writes `reply` with `Connection: close` and consumes the request. The socket's write timeout
-/// (`--socket-timeout`) bounds a client that does not read.
-pub fn send(request: Request, reply: &Reply) -> io::Result<()> {
+/// A declared body larger than this can only be refused by leaking the request (see [`send`]).
+pub const ABSURD_BODY: u64 = 1 << 30;
+
+/// Writes `reply` and consumes the request.
+///
+/// Normally the response is written here with `Connection: close` (the connection policy
+/// above). One case cannot be: a refusal sent before a large body was read. tiny_http drains an
+/// unread body when the request is dropped, and `into_writer` drops it *before* handing out the
+/// writer, so the answer would wait for a body the client may never send. tiny_http's own
+/// `respond` writes first and drains after, so that path is used there; it cannot say
+/// `Connection: close`, but a client refused before sending its body closes anyway. A declared
+/// length beyond [`ABSURD_BODY`] is worse: the drain allocates the whole length and aborts the
+/// process. Such a request is leaked (never dropped, never answered) — one thread and one socket
+/// — because aborting would take every other request down with it. nginx in front refuses
+/// these before they arrive.
+pub fn send(request: Request, reply: &Reply, body_consumed: bool) -> io::Result<()> {
+    if !body_consumed {
+        match unread_body(&request) {
+            UnreadBody::None => {}
+            UnreadBody::Drainable => return respond_then_drain(request, reply),
+            UnreadBody::Absurd => {
+                log::warn!(
+                    "{} {}: a declared body of {} bytes cannot be drained; the request is parked unanswered",
+                    request.method(),
+                    request.url(),
+                    header(&request, "Content-Length").unwrap_or("?")
+                );
+                std::mem::forget(request);
+                return Ok(());
+            }
+        }
+    }
     let head_only = *request.method() == tiny_http::Method::Head;
     let mut out = Vec::with_capacity(256 + reply.body.len());
     let reason = tiny_http::StatusCode(reply.status).default_reason_phrase();
@@ -107,6 +136,39 @@ pub fn send(request: Request, reply: &Reply) -> io::Result<()> {
         }
         other => other,
     }
+}
+
+enum UnreadBody {
+    /// No body, or one tiny_http already read (≤ 1024 bytes without `Expect`).
+    None,
+    Drainable,
+    Absurd,
+}
+
+fn unread_body(request: &Request) -> UnreadBody {
+    let declared = header(request, "Content-Length").map(|v| v.trim().parse::<u64>());
+    let streamed =
+        header(request, "Transfer-Encoding").is_some() || header(request, "Expect").is_some();
+    match declared {
+        Some(Err(_)) => UnreadBody::Absurd,
+        Some(Ok(n)) if n > ABSURD_BODY => UnreadBody::Absurd,
+        Some(Ok(n)) if n > 1024 || (n > 0 && streamed) => UnreadBody::Drainable,
+        None if streamed => UnreadBody::Drainable,
+        _ => UnreadBody::None,
+    }
+}
+
+fn respond_then_drain(request: Request, reply: &Reply) -> io::Result<()> {
+    let mut response =
+        tiny_http::Response::from_data(reply.body.clone()).with_status_code(reply.status);
+    let headers = std::iter::once(("Content-Type", reply.content_type.as_str()))
+        .chain(reply.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    for (name, value) in headers {
+        if let Ok(h) = Header::from_bytes(name.as_bytes(), value.as_bytes()) {
+            response.add_header(h);
+        }
+    }
+    request.respond(response)
 }
 
 /// The value of the first header called `name`, if any.

@@ -200,7 +200,7 @@ pub fn persist(
 mod tests {
     use super::*;
     use crate::config::SyncMode;
-    use crate::db::{Db, write_tx};
+    use crate::db::Db;
 
     fn input(amount: i64) -> NewPayment {
         NewPayment {
@@ -232,9 +232,9 @@ mod tests {
     }
 
     fn do_claim(db: &Db, key: &str, amount: i64, token: &str, now: SystemTime) -> NextAction {
-        let mut c = db.acquire(Duration::from_secs(1)).unwrap();
+        let mut w = db.writer(Duration::from_secs(1)).unwrap();
         let fp = fingerprint("POST", "/payments", &input(amount));
-        write_tx(&mut c, Duration::from_millis(100), |tx| {
+        w.transaction(Duration::from_millis(100), |tx| {
             claim(
                 tx,
                 att(key, token),
@@ -290,15 +290,15 @@ mod tests {
             headers: vec![("Location".into(), format!("/payments/{}", payment.id))],
             body: b"{}".to_vec(),
         };
-        let mut c = db.acquire(Duration::from_secs(1)).unwrap();
-        write_tx(&mut c, Duration::from_millis(100), |tx| {
+        let mut c = db.writer(Duration::from_secs(1)).unwrap();
+        c.transaction(Duration::from_millis(100), |tx| {
             persist(tx, att("k", "t1"), &payment, Some(&resp), later)
         })
         .unwrap();
         drop(c);
         assert_eq!(do_claim(&db, "k", 5, "t4", t0), NextAction::InUse);
-        let mut c = db.acquire(Duration::from_secs(1)).unwrap();
-        write_tx(&mut c, Duration::from_millis(100), |tx| {
+        let mut c = db.writer(Duration::from_secs(1)).unwrap();
+        c.transaction(Duration::from_millis(100), |tx| {
             persist(tx, att("k", "t3"), &payment, Some(&resp), later)
         })
         .unwrap();
@@ -314,8 +314,8 @@ mod tests {
             panic!()
         };
         payment.status = PaymentStatus::Pending;
-        let mut c = db.acquire(Duration::from_secs(1)).unwrap();
-        write_tx(&mut c, Duration::from_millis(100), |tx| {
+        let mut c = db.writer(Duration::from_secs(1)).unwrap();
+        c.transaction(Duration::from_millis(100), |tx| {
             persist(tx, att("k", "t1"), &payment, None, t0)
         })
         .unwrap();

@@ -8,7 +8,7 @@
 //! | 01 | accept and parse: body and header limits, backpressure | [`server::run`], [`http::check_head`], [`http::read_body`] |
 //! | 02 | middleware and dependency injection | [`middleware`], [`app::App`] |
 //! | 03 | a bounded worker pool instead of an event loop | [`server::run`] (dispatcher + `worker`) |
-//! | 04 | the connection pool with an acquisition timeout | [`db::Db::acquire`], [`db::write_tx`] |
+//! | 04 | the connection pool with an acquisition timeout | [`db::Db::acquire`], [`db::Db::write`] |
 //! | 05 | the idempotency table | [`idempotency::claim`], [`idempotency::persist`] |
 //! | 06 | the provider call, bounded by its slice of the budget | [`provider::client::ProviderClient::charge`] |
 //! | 07 | graceful shutdown in reverse dependency order | [`shutdown`], the end of [`server::run`] |

@@ -43,6 +43,8 @@ pub struct Ctx {
     timings: [Duration; 5],
     /// What the idempotency layer decided, for the access log.
     pub idempotency: Option<&'static str>,
+    /// Whether the handler read the whole body (decides how the response is written).
+    pub body_consumed: bool,
 }
 
 impl Ctx {
@@ -62,6 +64,7 @@ impl Ctx {
             principal: None,
             timings: [Duration::ZERO; 5],
             idempotency: None,
+            body_consumed: false,
         };
         ctx.add(Step::Queue, started.saturating_duration_since(received));
         ctx

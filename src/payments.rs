@@ -8,7 +8,7 @@ use serde_json::{Map, Value, json};
 use tiny_http::Request;
 
 use crate::app::App;
-use crate::db::{self, DbError, Payment, PaymentStatus, write_tx};
+use crate::db::{self, DbError, Payment, PaymentStatus};
 use crate::deadline::{Exhausted, Op, Step};
 use crate::error::{ApiError, FieldError};
 use crate::http::{self, Reply};
@@ -23,6 +23,7 @@ pub fn create(app: &App, ctx: &mut Ctx, request: &mut Request) -> Result<Reply, 
     let key = idempotency_key(request)?;
     http::require_json(request)?;
     let body = http::read_body(request, app.config.max_body)?;
+    ctx.body_consumed = true;
     let input = parse_new_payment(&body)?;
     let fingerprint = idempotency::fingerprint("POST", "/payments", &input);
     let scope = ctx.scope()?.to_string();
@@ -35,11 +36,11 @@ pub fn create(app: &App, ctx: &mut Ctx, request: &mut Request) -> Result<Reply, 
 
     // 1. Claim: borrow a connection, decide in one short transaction, give it back.
     let action = {
-        let mut conn = acquire(app, ctx, Op::ClaimAcquire)?;
+        let mut writer = acquire_writer(app, ctx, Op::ClaimAcquire)?;
         let busy = slice(app, ctx, Op::ClaimWrite)?;
         let lock_ttl = app.lock_ttl;
         ctx.timed(Step::Claim, || {
-            write_tx(&mut conn, busy, |tx| {
+            writer.transaction(busy, |tx| {
                 idempotency::claim(
                     tx,
                     attempt,
@@ -85,10 +86,10 @@ pub fn create(app: &App, ctx: &mut Ctx, request: &mut Request) -> Result<Reply, 
     let (stored, result) = settle(&mut payment, outcome, &ctx.request_id);
 
     // 3. Persist: the final status, and the response to replay when the outcome is final.
-    let persisted = acquire(app, ctx, Op::PersistAcquire).and_then(|mut conn| {
+    let persisted = acquire_writer(app, ctx, Op::PersistAcquire).and_then(|mut writer| {
         let busy = slice(app, ctx, Op::PersistWrite)?;
         ctx.timed(Step::Persist, || {
-            write_tx(&mut conn, busy, |tx| {
+            writer.transaction(busy, |tx| {
                 idempotency::persist(tx, attempt, &payment, stored.as_ref(), SystemTime::now())
             })
         })
@@ -294,23 +295,37 @@ pub fn list(app: &App, ctx: &mut Ctx, query: &str) -> Result<Reply, ApiError> {
     }
 }
 
-/// Borrows a pooled connection within the slice `op` may take; a timeout is 503 `overloaded`.
+/// Borrows a pooled connection for reading within the slice `op` may take.
 fn acquire(app: &App, ctx: &mut Ctx, op: Op) -> Result<db::Conn, ApiError> {
     let timeout = slice(app, ctx, op)?;
     let t = Instant::now();
     let conn = app.db.acquire(timeout);
     ctx.add(Step::Acquire, t.elapsed());
-    conn.map_err(|e| match e {
+    conn.map_err(|e| overloaded(app, e, timeout))
+}
+
+/// Takes the write token and a pooled connection within the slice `op` may take.
+fn acquire_writer(app: &App, ctx: &mut Ctx, op: Op) -> Result<db::Writer, ApiError> {
+    let timeout = slice(app, ctx, op)?;
+    let t = Instant::now();
+    let writer = app.db.writer(timeout);
+    ctx.add(Step::Acquire, t.elapsed());
+    writer.map_err(|e| overloaded(app, e, timeout))
+}
+
+/// A timed-out acquisition is 503 `overloaded`: nothing was done, the client may retry.
+fn overloaded(app: &App, e: DbError, timeout: std::time::Duration) -> ApiError {
+    match e {
         DbError::AcquireTimeout => ApiError::Overloaded {
             detail: format!(
-                "no database connection became free within {} ms (pool size {}); retry shortly",
+                "the database did not become available within {} ms (pool size {}); retry shortly",
                 timeout.as_millis(),
                 app.config.pool_size
             ),
             retry_after_s: 1,
         },
         other => ApiError::Internal(other.to_string()),
-    })
+    }
 }
 
 fn slice(app: &App, ctx: &Ctx, op: Op) -> Result<std::time::Duration, ApiError> {

@@ -52,19 +52,20 @@ pub fn run(app: Arc<App>, listener: TcpListener, stop: Arc<AtomicBool>) -> Resul
     let control = listener.try_clone().map_err(|e| e.to_string())?;
     let server = tiny_http::Server::from_listener(listener, None).map_err(|e| e.to_string())?;
 
-    let keeper_stop = Arc::new(AtomicBool::new(false));
-    let keeper = {
-        let keeper_stop = keeper_stop.clone();
-        thread::Builder::new()
-            .name("accept-keeper".into())
-            .spawn(move || {
-                while !keeper_stop.load(Ordering::SeqCst) {
-                    // Only the accept() wake-up matters; the connection is closed at once.
-                    let _ = TcpStream::connect_timeout(&addr, Duration::from_secs(1));
-                    thread::sleep(timeout / 5);
-                }
-            })
-            .map_err(|e| e.to_string())?
+    let background_stop = Arc::new(AtomicBool::new(false));
+    let accept_dead = Arc::new(AtomicBool::new(false));
+    let probe_token = crate::ids::request_id();
+    let keeper = spawn_accept_keeper(addr, timeout, background_stop.clone())?;
+    let prober = spawn_accept_prober(
+        addr,
+        probe_token.clone(),
+        timeout,
+        background_stop.clone(),
+        accept_dead.clone(),
+    )?;
+    let lanes = Lanes {
+        probe_token: &probe_token,
+        accept_dead: &accept_dead,
     };
 
     let (tx, rx) = channel::bounded::<Job>(app.config.queue as usize);
@@ -78,13 +79,14 @@ pub fn run(app: Arc<App>, listener: TcpListener, stop: Arc<AtomicBool>) -> Resul
                 .map_err(|e| format!("cannot start worker {i}: {e}"))?;
         }
         drop(rx);
-        let outcome = dispatch(&app, &server, &control, &tx, &stop);
+        let outcome = dispatch(&app, &server, &control, &tx, &stop, &lanes);
         // Closing the channel lets the workers finish what is queued, then return.
         drop(tx);
         outcome
     });
-    keeper_stop.store(true, Ordering::SeqCst);
+    background_stop.store(true, Ordering::SeqCst);
     let _ = keeper.join();
+    let _ = prober.join();
     if result.is_ok() {
         // Last, and only once every worker is done with it: the pool.
         if let Err(e) = app.db.checkpoint(Duration::from_secs(2)) {
@@ -95,15 +97,33 @@ pub fn run(app: Arc<App>, listener: TcpListener, stop: Arc<AtomicBool>) -> Resul
     result
 }
 
+/// What the dispatcher needs besides the app: how to recognise the liveness probe, and the
+/// flag the prober raises when probes stop coming through.
+struct Lanes<'a> {
+    probe_token: &'a str,
+    accept_dead: &'a AtomicBool,
+}
+
+/// The path of the liveness probe; answered by the dispatcher only with the right token.
+const PROBE_PATH: &str = "/__paytrace/accept-probe";
+const PROBE_HEADER: &str = "X-Paytrace-Probe";
+
 fn dispatch(
     app: &App,
     server: &tiny_http::Server,
     control: &TcpListener,
     tx: &channel::Sender<Job>,
     stop: &AtomicBool,
+    lanes: &Lanes,
 ) -> Result<(), String> {
     let mut closing = false;
     loop {
+        if !closing && lanes.accept_dead.load(Ordering::SeqCst) {
+            return Err(
+                "the accept thread stopped (liveness probes are no longer answered); exiting rather than looking alive"
+                    .into(),
+            );
+        }
         if !closing && stop.load(Ordering::SeqCst) {
             closing = true;
             app.draining.store(true, Ordering::SeqCst);
@@ -113,6 +133,12 @@ fn dispatch(
             let _ = SockRef::from(control).shutdown(Shutdown::Both);
         }
         match server.recv_timeout(POLL) {
+            Ok(Some(request))
+                if request.url() == PROBE_PATH
+                    && http::header(&request, PROBE_HEADER) == Some(lanes.probe_token) =>
+            {
+                let _ = http::send(request, &Reply::text(204, "text/plain", ""), true);
+            }
             Ok(Some(request)) => {
                 let job = Job {
                     request,
@@ -133,6 +159,77 @@ fn dispatch(
             }
         }
     }
+}
+
+/// Connects to the listener every timeout/5: `SO_RCVTIMEO` on the listener also bounds
+/// `accept()`, and tiny_http's accept thread ends on its first error, so accept() must never
+/// wait that long.
+fn spawn_accept_keeper(
+    addr: std::net::SocketAddr,
+    timeout: Duration,
+    stop: Arc<AtomicBool>,
+) -> Result<thread::JoinHandle<()>, String> {
+    thread::Builder::new()
+        .name("accept-keeper".into())
+        .spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                // Only the accept() wake-up matters; the connection is closed at once.
+                let _ = TcpStream::connect_timeout(&addr, Duration::from_secs(1));
+                thread::sleep(timeout / 5);
+            }
+        })
+        .map_err(|e| e.to_string())
+}
+
+/// Sends a request through the real socket every second; the dispatcher answers it at once. If
+/// three in a row get no answer, tiny_http's accept thread is gone (it can also die by panic,
+/// which `recv()` never reports) and the process must exit rather than look alive.
+fn spawn_accept_prober(
+    addr: std::net::SocketAddr,
+    token: String,
+    timeout: Duration,
+    stop: Arc<AtomicBool>,
+    dead: Arc<AtomicBool>,
+) -> Result<thread::JoinHandle<()>, String> {
+    let wait = timeout.clamp(Duration::from_millis(500), Duration::from_secs(2));
+    thread::Builder::new()
+        .name("accept-prober".into())
+        .spawn(move || {
+            let mut failures = 0;
+            while !stop.load(Ordering::SeqCst) {
+                if probe(addr, &token, wait) {
+                    failures = 0;
+                } else if !stop.load(Ordering::SeqCst) {
+                    failures += 1;
+                    log::warn!("accept probe {failures}/3 got no answer within {wait:?}");
+                    if failures >= 3 {
+                        dead.store(true, Ordering::SeqCst);
+                        return;
+                    }
+                }
+                let next = Instant::now() + Duration::from_secs(1);
+                while Instant::now() < next && !stop.load(Ordering::SeqCst) {
+                    thread::sleep(Duration::from_millis(50));
+                }
+            }
+        })
+        .map_err(|e| e.to_string())
+}
+
+fn probe(addr: std::net::SocketAddr, token: &str, wait: Duration) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, wait) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(wait));
+    let _ = s.set_write_timeout(Some(wait));
+    let request =
+        format!("GET {PROBE_PATH} HTTP/1.1\r\nHost: probe\r\n{PROBE_HEADER}: {token}\r\n\r\n");
+    if s.write_all(request.as_bytes()).is_err() {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.1 204")
 }
 
 /// The queue is full: 503 at once, from the dispatcher, without touching a worker.
@@ -253,7 +350,7 @@ fn finish_and_send(ctx: &Ctx, request: Request, reply: Reply) {
         .header("X-Request-Id", ctx.request_id.clone())
         .header("Server-Timing", timing.join(", "));
     let status = reply.status;
-    if let Err(e) = http::send(request, &reply) {
+    if let Err(e) = http::send(request, &reply, ctx.body_consumed) {
         log::debug!("{}: writing the response failed: {e}", ctx.request_id);
     }
     log::info!(

@@ -177,7 +177,7 @@ fn handle(state: &State, mut request: Request) {
         (_, "/v1/charges" | "/v1/stats" | "/_control/faults") => error(405, "method_not_allowed"),
         _ => error(404, "not_found"),
     };
-    let _ = http::send(request, &reply);
+    let _ = http::send(request, &reply, false);
 }
 
 fn current_faults(state: &State) -> Faults {
@@ -271,7 +271,7 @@ fn create_charge(state: &State, mut request: Request) {
         .ok()
         .and_then(|b| serde_json::from_slice::<ChargeRequest>(&b).ok());
     let (Some(key), Some(input)) = (key, parsed) else {
-        let _ = http::send(request, &error(400, "invalid_request"));
+        let _ = http::send(request, &error(400, "invalid_request"), false);
         return;
     };
     let faults = current_faults(state);
@@ -293,7 +293,7 @@ fn create_charge(state: &State, mut request: Request) {
         }
     };
     if delay.is_zero() {
-        let _ = http::send(request, &reply);
+        let _ = http::send(request, &reply, true);
     } else {
         state.timer.park(request, Some(reply), delay);
     }
@@ -359,7 +359,7 @@ impl Timer {
                     drop(q);
                     match parked {
                         Some((request, Some(reply))) => {
-                            let _ = http::send(request, &reply);
+                            let _ = http::send(request, &reply, true);
                         }
                         // A hung request is dropped unanswered by us; tiny_http closes it.
                         Some((request, None)) => drop(request),

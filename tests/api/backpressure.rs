@@ -1,0 +1,229 @@
+//! Unit 03 and unit 04: a bounded queue in front of a fixed number of workers, a pool that
+//! fails fast, and a connection policy under which no client waits behind another.
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::helpers::*;
+
+#[test]
+fn a_full_queue_is_answered_503_at_once_and_only_201s_are_stored() {
+    let provider = provider(&["--latency", "500ms"]);
+    let serve = Serve::start(&[
+        "--workers",
+        "2",
+        "--queue",
+        "2",
+        "--provider-url",
+        &provider.url,
+    ]);
+    let url = serve.url().to_string();
+    let start = Arc::new(Barrier::new(20));
+    let handles: Vec<_> = (0..20)
+        .map(|i| {
+            let url = url.clone();
+            let start = start.clone();
+            thread::spawn(move || {
+                start.wait();
+                (format!("bp-{i}"), pay(&url, &format!("bp-{i}"), &body(100)))
+            })
+        })
+        .collect();
+    let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let mut created = Vec::new();
+    let mut shed = 0;
+    for (key, r) in &results {
+        match r.status {
+            201 => created.push(r.body["id"].as_str().unwrap().to_string()),
+            503 => {
+                shed += 1;
+                assert_eq!(r.body["code"], "overloaded", "{key}: {}", r.body);
+                assert!(r.header("Retry-After").is_some());
+                assert!(
+                    r.elapsed < Duration::from_millis(100),
+                    "{key}: shed after {:?}",
+                    r.elapsed
+                );
+            }
+            other => panic!("{key}: unexpected {other}: {}", r.body),
+        }
+    }
+    assert!(
+        shed >= 10,
+        "only {shed} of 20 were shed with 2 workers and a queue of 2"
+    );
+    assert!(created.len() >= 2, "{} created", created.len());
+    let mut stored: Vec<String> = serve.rows().into_iter().map(|(id, _)| id).collect();
+    stored.sort();
+    created.sort();
+    assert_eq!(
+        stored, created,
+        "the database holds exactly the payments answered 201"
+    );
+}
+
+#[test]
+fn a_saturated_pool_answers_503_within_the_acquire_timeout() {
+    let serve = Serve::start(&[
+        "--pool-size",
+        "1",
+        "--acquire-timeout",
+        "100ms",
+        "--write-timeout",
+        "600ms",
+    ]);
+    let url = serve.url().to_string();
+    let created = pay(&url, "pool-0", &body(100));
+    assert_eq!(created.status, 201);
+    let id = created.body["id"].as_str().unwrap().to_string();
+    // Hold SQLite's write lock from outside: the next payment waits in its busy timeout while
+    // holding the pool's only connection, so everyone else waits for the pool.
+    let blocker = serve.db();
+    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let holder = {
+        let url = url.clone();
+        thread::spawn(move || pay(&url, "pool-holder", &body(100)))
+    };
+    // Wait until the holder is inside its transaction (its claim is in progress).
+    let poll_url = format!("{url}/payments/{id}");
+    eventually(Duration::from_secs(5), "the pool is saturated", || {
+        let r = get(&poll_url);
+        (r.status == 503).then_some(())
+    });
+    let start = Arc::new(Barrier::new(4));
+    let handles: Vec<_> = (0..4)
+        .map(|i| {
+            let url = url.clone();
+            let id = id.clone();
+            let start = start.clone();
+            thread::spawn(move || {
+                start.wait();
+                if i % 2 == 0 {
+                    get(&format!("{url}/payments/{id}"))
+                } else {
+                    pay(&url, &format!("pool-{i}"), &body(100))
+                }
+            })
+        })
+        .collect();
+    let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    for r in &results {
+        assert_eq!(r.status, 503, "{}", r.body);
+        assert_eq!(r.body["code"], "overloaded");
+        assert!(r.header("Retry-After").is_some());
+        assert!(
+            r.elapsed < Duration::from_millis(100 + 250),
+            "answered after {:?}",
+            r.elapsed
+        );
+    }
+    blocker.execute_batch("ROLLBACK").unwrap();
+    // The holder was waiting inside its write slice (600 ms); the lock came back in time.
+    let held = holder.join().unwrap();
+    assert_eq!(held.status, 201, "{}", held.body);
+    // Once the lock is gone, payments go through again.
+    assert_eq!(pay(&url, "pool-after", &body(100)).status, 201);
+}
+
+/// A client that keeps its connection open unless the server says `Connection: close`.
+struct Client {
+    addr: SocketAddr,
+    stream: Option<TcpStream>,
+}
+
+impl Client {
+    fn connect(addr: SocketAddr) -> Client {
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        Client {
+            addr,
+            stream: Some(s),
+        }
+    }
+
+    fn send(&mut self, bytes: &[u8]) -> u16 {
+        let addr = self.addr;
+        let s = self.stream.get_or_insert_with(|| {
+            let s = TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s
+        });
+        s.write_all(bytes).unwrap();
+        let (status, text) = read_response(s);
+        if text.to_ascii_lowercase().contains("connection: close") || status == 0 {
+            self.stream = None;
+        }
+        status
+    }
+}
+
+fn payment_bytes(key: &str) -> Vec<u8> {
+    let b = body(100);
+    format!(
+        "POST /payments HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nIdempotency-Key: {key}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
+        b.len()
+    )
+    .into_bytes()
+}
+
+#[test]
+fn a_hundred_connections_opened_at_once_get_every_answer_within_the_request_timeout() {
+    let serve = Serve::start(&["--queue", "512"]);
+    let addr = serve.proc.addr;
+    let clients: Vec<Client> = (0..100).map(|_| Client::connect(addr)).collect();
+    let start = Arc::new(Barrier::new(100));
+    let handles: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(c, mut client)| {
+            let start = start.clone();
+            thread::spawn(move || {
+                start.wait();
+                (0..5)
+                    .map(|i| {
+                        let t = Instant::now();
+                        let status = client.send(&payment_bytes(&format!("burst-{c}-{i}")));
+                        (status, t.elapsed())
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let mut answered = 0;
+    for h in handles {
+        for (status, took) in h.join().unwrap() {
+            assert_eq!(status, 201);
+            assert!(took < Duration::from_secs(3), "a request took {took:?}");
+            answered += 1;
+        }
+    }
+    assert_eq!(answered, 500);
+    assert_eq!(provider_stats(&serve.provider_url)["charges"], 500);
+}
+
+#[test]
+fn two_hundred_payments_right_after_start_up_all_succeed() {
+    let serve = Serve::start(&["--queue", "512"]);
+    let url = serve.url().to_string();
+    let start = Arc::new(Barrier::new(200));
+    let handles: Vec<_> = (0..200)
+        .map(|i| {
+            let url = url.clone();
+            let start = start.clone();
+            thread::spawn(move || {
+                start.wait();
+                pay(&url, &format!("cold-{i}"), &body(100))
+            })
+        })
+        .collect();
+    for h in handles {
+        let r = h.join().unwrap();
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
+    assert_eq!(provider_stats(&serve.provider_url)["charges"], 200);
+    assert_eq!(serve.rows().len(), 200);
+}

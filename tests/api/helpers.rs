@@ -1,0 +1,332 @@
+//! Spawns the real binary on port 0 with a temporary database, and talks to it over real
+//! sockets. Nothing here sleeps to hope: every wait polls a condition until a deadline.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const KEY: &str = "sk_test_paytrace";
+
+/// A running `paytrace` process; killed when dropped.
+pub struct Proc {
+    child: Child,
+    pub addr: SocketAddr,
+    pub url: String,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    /// Starts `paytrace <args>` and waits (≤ 20 s) for its `listening on http://ADDR` line.
+    pub fn start(args: &[&str]) -> Proc {
+        Proc::start_with(Command::new(env!("CARGO_BIN_EXE_paytrace")), args)
+    }
+
+    pub fn start_with(mut cmd: Command, args: &[&str]) -> Proc {
+        let mut child = cmd
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("paytrace starts");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let sink = log.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let mut proc = Proc {
+            child,
+            addr: "0.0.0.0:0".parse().unwrap(),
+            url: String::new(),
+            log,
+        };
+        let line = proc.wait_for_log("listening on http://", Duration::from_secs(20));
+        let addr = line
+            .split("listening on http://")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .expect("an address follows `listening on`");
+        proc.addr = addr.parse().expect("a socket address");
+        proc.url = format!("http://{addr}");
+        proc
+    }
+
+    /// The first log line containing `needle`, waiting up to `within`.
+    pub fn wait_for_log(&mut self, needle: &str, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(line) = self.log.lock().unwrap().iter().find(|l| l.contains(needle)) {
+                return line.clone();
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "paytrace exited ({status}) before logging `{needle}`:\n{}",
+                    self.log_text()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no `{needle}` in the log within {within:?}:\n{}",
+                self.log_text()
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// Waits up to `within` for the process to exit; its exit code.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `paytrace serve` with its own temporary database.
+pub struct Serve {
+    pub proc: Proc,
+    pub dir: tempfile::TempDir,
+    /// The provider it charges (the embedded one unless `--provider-url` was given).
+    pub provider_url: String,
+}
+
+impl Serve {
+    pub fn start(args: &[&str]) -> Serve {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("paytrace.db");
+        let mut all = vec![
+            "serve",
+            "--addr",
+            "127.0.0.1:0",
+            "--db",
+            db.to_str().unwrap(),
+        ];
+        all.extend_from_slice(args);
+        let proc = Proc::start(&all);
+        let line = proc
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|l| l.contains("listening on"))
+            .cloned()
+            .unwrap();
+        let provider_url = line
+            .split("provider ")
+            .last()
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default();
+        Serve {
+            proc,
+            dir,
+            provider_url,
+        }
+    }
+
+    pub fn url(&self) -> &str {
+        &self.proc.url
+    }
+
+    pub fn db(&self) -> rusqlite::Connection {
+        rusqlite::Connection::open(self.dir.path().join("paytrace.db")).unwrap()
+    }
+
+    /// `status` of every payment row, by id.
+    pub fn rows(&self) -> Vec<(String, String)> {
+        let db = self.db();
+        let mut stmt = db
+            .prepare("SELECT id, status FROM payments ORDER BY seq")
+            .unwrap();
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    }
+}
+
+/// `paytrace provider` on a free port.
+pub fn provider(args: &[&str]) -> Proc {
+    let mut all = vec!["provider", "--addr", "127.0.0.1:0"];
+    all.extend_from_slice(args);
+    Proc::start(&all)
+}
+
+/// A response as a client sees it.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Value,
+    pub elapsed: Duration,
+}
+
+impl Resp {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+pub fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(20)))
+        .build()
+        .new_agent()
+}
+
+fn to_resp(r: Result<ureq::http::Response<ureq::Body>, ureq::Error>, started: Instant) -> Resp {
+    let mut r = r.expect("a response");
+    let status = r.status().as_u16();
+    let headers = r
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+        .collect();
+    let text = r.body_mut().read_to_string().unwrap_or_default();
+    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    Resp {
+        status,
+        headers,
+        body,
+        elapsed: started.elapsed(),
+    }
+}
+
+pub fn get(url: &str) -> Resp {
+    let t = Instant::now();
+    to_resp(
+        agent()
+            .get(url)
+            .header("Authorization", format!("Bearer {KEY}"))
+            .call(),
+        t,
+    )
+}
+
+pub fn get_json(url: &str) -> Value {
+    get(url).body
+}
+
+/// `POST {base}/payments` with the dev key, `key` and a JSON body.
+pub fn pay(base: &str, key: &str, body: &str) -> Resp {
+    pay_with(base, key, body, &[])
+}
+
+pub fn pay_with(base: &str, key: &str, body: &str, extra: &[(&str, &str)]) -> Resp {
+    let mut req = agent()
+        .post(format!("{base}/payments"))
+        .header("Authorization", format!("Bearer {KEY}"))
+        .header("Idempotency-Key", key);
+    if !extra
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("Content-Type"))
+    {
+        req = req.header("Content-Type", "application/json");
+    }
+    for (k, v) in extra {
+        req = req.header(*k, *v);
+    }
+    let t = Instant::now();
+    to_resp(req.send(body.as_bytes()), t)
+}
+
+pub fn body(amount: u32) -> String {
+    format!(r#"{{"amount":{amount},"currency":"usd","source":"tok_visa"}}"#)
+}
+
+pub fn provider_stats(provider_url: &str) -> Value {
+    get_json(&format!("{provider_url}/v1/stats"))
+}
+
+/// Sends raw bytes on a new connection and reads the answer (status, head, body) until the
+/// server closes, waiting at most `within`.
+pub fn raw(addr: SocketAddr, bytes: &[u8], within: Duration) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(within)).unwrap();
+    s.write_all(bytes).unwrap();
+    read_response(&mut s)
+}
+
+/// Reads one response (headers + Content-Length body); status 0 if none came.
+pub fn read_response(s: &mut TcpStream) -> (u16, String) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = find(&buf, b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_string();
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse::<usize>().ok())?
+                })
+                .unwrap_or(0);
+            while buf.len() < end + 4 + len {
+                match s.read(&mut chunk) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            let status = head
+                .split_whitespace()
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            return (status, String::from_utf8_lossy(&buf).to_string());
+        }
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => return (0, String::from_utf8_lossy(&buf).to_string()),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// An address where nothing listens (bound, then released).
+pub fn dead_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// Polls `f` every 20 ms until it returns `Some`, or panics after `within`.
+pub fn eventually<T>(within: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "not within {within:?}: {what}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -1,0 +1,108 @@
+//! tiny_http has no read timeouts of its own: the socket timeouts set on the listener must cut
+//! off clients that stop sending, and a dead accept thread must end the process.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::helpers::*;
+
+#[test]
+fn clients_that_stop_sending_do_not_hold_workers_or_connections() {
+    let serve = Serve::start(&["--workers", "4", "--socket-timeout", "1s"]);
+    let addr = serve.proc.addr;
+    // Six clients declare a 100 KB body and never send it.
+    let stalled: Vec<TcpStream> = (0..6)
+        .map(|i| {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.write_all(
+                format!(
+                    "POST /payments HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nIdempotency-Key: st-{i}\r\n\
+                     Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n"
+                )
+                .as_bytes(),
+            )
+            .unwrap();
+            s
+        })
+        .collect();
+    // One sends half a header line and stops.
+    let mut half = TcpStream::connect(addr).unwrap();
+    half.write_all(b"GET /heal").unwrap();
+    let t = Instant::now();
+
+    let ok = eventually(Duration::from_secs(6), "a normal payment succeeds", || {
+        let r = pay(serve.url(), "normal-1", &body(100));
+        (r.status == 201).then_some(r)
+    });
+    assert_eq!(ok.body["status"], "succeeded");
+
+    // The half-header connection is closed by the server (EOF or reset) within a few seconds.
+    half.set_read_timeout(Some(Duration::from_secs(6))).unwrap();
+    let mut buf = Vec::new();
+    let closed = match half.read_to_end(&mut buf) {
+        Ok(_) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    };
+    assert!(closed, "the half-header connection was not closed");
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "closed only after {:?}",
+        t.elapsed()
+    );
+    drop(stalled);
+}
+
+#[test]
+fn the_server_keeps_accepting_after_idling_longer_than_the_socket_timeout() {
+    let serve = Serve::start(&["--socket-timeout", "300ms"]);
+    // Three socket timeouts of silence: accept() must survive them.
+    let quiet_until = Instant::now() + Duration::from_millis(900);
+    eventually(Duration::from_secs(3), "time passes", || {
+        (Instant::now() >= quiet_until).then_some(())
+    });
+    let r = agent()
+        .get(format!("{}/healthz", serve.url()))
+        .call()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+}
+
+#[test]
+fn a_dead_accept_thread_ends_the_process_with_exit_1() {
+    // With a low file limit, accept() fails with EMFILE and tiny_http's accept thread ends.
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("p.db");
+    let mut cmd = Command::new("prlimit");
+    cmd.args(["--nofile=48:48", env!("CARGO_BIN_EXE_paytrace")]);
+    let mut proc = Proc::start_with(
+        cmd,
+        &[
+            "serve",
+            "--addr",
+            "127.0.0.1:0",
+            "--db",
+            db.to_str().unwrap(),
+            "--pool-size",
+            "2",
+            "--workers",
+            "2",
+            "--socket-timeout",
+            "1s",
+        ],
+    );
+    let mut held = Vec::new();
+    for _ in 0..80 {
+        if let Ok(s) = TcpStream::connect(proc.addr) {
+            held.push(s);
+        }
+    }
+    let code = proc.wait_exit(Duration::from_secs(20));
+    assert_eq!(code, Some(1), "log:\n{}", proc.log_text());
+    assert!(
+        proc.log_text().contains("accept thread stopped"),
+        "{}",
+        proc.log_text()
+    );
+}
