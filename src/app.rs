@@ -4,14 +4,16 @@
 use std::net::TcpListener;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use crate::clock::{Clock, SystemClock};
 use crate::config::{ProviderConfig, ServeConfig};
 use crate::db::Db;
 use crate::deadline::{Exhausted, Op, Timeouts};
 use crate::middleware::{ApiKeys, Ctx};
 use crate::provider::client::ProviderClient;
 use crate::provider::sim;
+use crate::ratelimit::RateLimiter;
 use crate::server;
 
 /// Everything a handler may use, built once.
@@ -22,6 +24,10 @@ pub struct App {
     /// The one shared provider client (ureq agent, pooled connections).
     pub provider: ProviderClient,
     pub keys: ApiKeys,
+    /// Per-key token buckets (`--rate-limit`).
+    pub limiter: RateLimiter,
+    /// Where every component gets the time from.
+    pub clock: Arc<dyn Clock>,
     /// The configured per-step timeouts the deadline divides.
     pub timeouts: Timeouts,
     /// An idempotency lock older than this belongs to a request that died: request timeout + 1 s.
@@ -33,7 +39,7 @@ pub struct App {
 impl App {
     /// The slice of `ctx`'s deadline that `op` may take, starting now.
     pub fn timeouts_slice(&self, ctx: &Ctx, op: Op) -> Result<Duration, Exhausted> {
-        ctx.deadline.slice(Instant::now(), &self.timeouts, op)
+        ctx.deadline.slice(self.clock.now(), &self.timeouts, op)
     }
 
     pub fn is_draining(&self) -> bool {
@@ -101,6 +107,8 @@ pub fn run_serve(config: ServeConfig) -> Result<(), ServeError> {
         },
         lock_ttl: config.request_timeout + Duration::from_secs(1),
         keys: ApiKeys::new(&keys),
+        limiter: RateLimiter::new(config.rate_limit),
+        clock: Arc::new(SystemClock),
         db,
         provider,
         draining: AtomicBool::new(false),

@@ -6,11 +6,11 @@
 //!
 //! `slice = min(step's configured timeout, remaining − what the later steps need)`
 //!
-//! where "what a later step needs" is its *useful minimum* — a tenth of its configured timeout.
+//! where each later step keeps back a tenth of its configured timeout.
 //! The start-up check (`2 × (acquire + write) + provider < request`) guarantees that a request
 //! which has not waited gets every step's full timeout. A request that has waited, or whose
 //! client asked for less, sees its later steps squeezed, and a step whose slice would be smaller
-//! than its useful minimum fails fast without starting: the innermost slow thing fails first,
+//! than its useful minimum (half of what it keeps back) fails fast without starting: the innermost slow thing fails first,
 //! and there is always time left to record the outcome and answer.
 //!
 //! Pure: no I/O, time comes from the caller (`now`), so it is unit-tested to the millisecond.
@@ -41,6 +41,17 @@ impl Step {
         Step::Provider,
         Step::Persist,
     ];
+
+    /// The access-log field for this step's milliseconds.
+    pub fn ms_field(self) -> &'static str {
+        match self {
+            Step::Queue => "queue_ms",
+            Step::Acquire => "acquire_ms",
+            Step::Claim => "claim_ms",
+            Step::Provider => "provider_ms",
+            Step::Persist => "persist_ms",
+        }
+    }
 
     pub fn name(self) -> &'static str {
         match self {
@@ -102,18 +113,25 @@ impl Timeouts {
         }
     }
 
-    /// The smallest slice worth starting an operation with: a tenth of its timeout, ≥ 1 ms.
-    pub fn useful_minimum(&self, op: Op) -> Duration {
+    /// What is kept back for an operation while earlier ones run: a tenth of its timeout.
+    fn reserve(&self, op: Op) -> Duration {
         (self.configured(op) / 10).max(Duration::from_millis(1))
     }
 
-    /// What the operations after `op` need at the least.
+    /// The smallest slice worth starting an operation with: half its reserve, so that an
+    /// earlier step finishing a few milliseconds late (timers are not exact) cannot leave the
+    /// next one, persisting an outcome say, without a useful slice.
+    pub fn useful_minimum(&self, op: Op) -> Duration {
+        (self.reserve(op) / 2).max(Duration::from_millis(1))
+    }
+
+    /// What the operations after `op` have kept back.
     fn reserve_after(&self, op: Op) -> Duration {
         Op::ORDER
             .iter()
             .skip_while(|o| **o != op)
             .skip(1)
-            .map(|o| self.useful_minimum(*o))
+            .map(|o| self.reserve(*o))
             .sum()
     }
 }
@@ -225,7 +243,7 @@ mod tests {
         let t0 = Instant::now();
         let d = Deadline::new(t0, MS(3000));
         let t = defaults();
-        // 2930 ms gone: 70 ms left, persist needs 50, provider would get 20 < 100.
+        // 2930 ms gone: 70 ms left, persist keeps 50 back, provider would get 20 < 50.
         assert_eq!(
             d.slice(t0 + MS(2930), &t, Op::ProviderCall),
             Err(Exhausted {

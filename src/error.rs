@@ -70,6 +70,8 @@ pub enum ApiError {
         retry_after_s: u64,
         payment: Option<Value>,
     },
+    #[error("too many requests for this API key; retry after {retry_after_s} s")]
+    RateLimited { retry_after_s: u64 },
     #[error("the server is shutting down; retry on a new connection")]
     ShuttingDown,
     #[error("the request's deadline ran out before or during step `{}`", step.name())]
@@ -101,6 +103,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => 415,
             ApiError::KeyReused => 422,
             ApiError::HeadersTooLarge(_) => 431,
+            ApiError::RateLimited { .. } => 429,
             ApiError::Internal(_) => 500,
             ApiError::ProviderError { .. } => 502,
             ApiError::Overloaded { .. }
@@ -126,6 +129,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => "unsupported-media-type",
             ApiError::KeyReused => "idempotency-key-reused",
             ApiError::HeadersTooLarge(_) => "headers-too-large",
+            ApiError::RateLimited { .. } => "rate-limited",
             ApiError::Overloaded { .. } => "overloaded",
             ApiError::ProviderError { .. } => "provider-error",
             ApiError::ProviderUnavailable { .. } => "provider-unavailable",
@@ -150,6 +154,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => "Unsupported media type",
             ApiError::KeyReused => "Idempotency-Key reused",
             ApiError::HeadersTooLarge(_) => "Request headers too large",
+            ApiError::RateLimited { .. } => "Rate limited",
             ApiError::Overloaded { .. } => "Overloaded",
             ApiError::ProviderError { .. } => "Payment provider error",
             ApiError::ProviderUnavailable { .. } => "Payment provider unavailable",
@@ -179,7 +184,8 @@ impl ApiError {
             ApiError::Unauthorized => headers.push(("WWW-Authenticate", "Bearer".into())),
             ApiError::MethodNotAllowed { allow } => headers.push(("Allow", allow.into())),
             ApiError::KeyInUse => headers.push(("Retry-After", "1".into())),
-            ApiError::Overloaded { retry_after_s, .. } => {
+            ApiError::Overloaded { retry_after_s, .. }
+            | ApiError::RateLimited { retry_after_s } => {
                 headers.push(("Retry-After", retry_after_s.to_string()))
             }
             ApiError::ProviderError { payment, .. } => body["payment"] = payment,

@@ -17,6 +17,7 @@
 //! order is [`payments::create`].
 
 pub mod app;
+pub mod clock;
 pub mod config;
 pub mod db;
 pub mod deadline;
@@ -27,5 +28,6 @@ pub mod ids;
 pub mod middleware;
 pub mod payments;
 pub mod provider;
+pub mod ratelimit;
 pub mod server;
 pub mod shutdown;

@@ -62,12 +62,21 @@ fn init_logging(format: LogFormat) {
     );
     if format == LogFormat::Json {
         builder.format(|buf, record| {
-            let line = serde_json::json!({
+            let mut line = serde_json::json!({
                 "ts": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
                 "level": record.level().as_str(),
                 "target": record.target(),
-                "msg": record.args().to_string(),
             });
+            let msg = record.args().to_string();
+            // The access log's message is already a JSON object: its fields join the line.
+            match serde_json::from_str::<serde_json::Value>(&msg) {
+                Ok(serde_json::Value::Object(fields)) if record.target() == "access" => {
+                    if let Some(o) = line.as_object_mut() {
+                        o.extend(fields);
+                    }
+                }
+                _ => line["msg"] = serde_json::Value::String(msg),
+            }
             writeln!(buf, "{line}")
         });
     }

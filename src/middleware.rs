@@ -13,9 +13,11 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tiny_http::Request;
 
+use crate::app::App;
 use crate::deadline::{Deadline, Step};
 use crate::error::ApiError;
 use crate::http;
+use crate::ratelimit::{Decision, RateLimiter};
 
 /// The middleware chain, outermost first.
 pub const CHAIN: [&str; 5] = ["request-id", "access-log", "auth", "rate-limit", "deadline"];
@@ -45,6 +47,10 @@ pub struct Ctx {
     pub idempotency: Option<&'static str>,
     /// Whether the handler read the whole body (decides how the response is written).
     pub body_consumed: bool,
+    /// The rate limiter's decision, advertised on the response.
+    pub rate: Option<Decision>,
+    /// The timeout the provider call was given (its slice of the budget).
+    pub provider_slice: Option<Duration>,
 }
 
 impl Ctx {
@@ -65,6 +71,8 @@ impl Ctx {
             timings: [Duration::ZERO; 5],
             idempotency: None,
             body_consumed: false,
+            rate: None,
+            provider_slice: None,
         };
         ctx.add(Step::Queue, started.saturating_duration_since(received));
         ctx
@@ -139,6 +147,27 @@ pub fn authenticate(keys: &ApiKeys, ctx: &mut Ctx, request: &Request) -> Result<
     Ok(())
 }
 
+/// The links in front of every `/payments` handler, in order: auth → rate limit → deadline.
+/// (Request id and access log wrap every request in `server::handle`.)
+pub fn protect(app: &App, ctx: &mut Ctx, request: &Request) -> Result<(), ApiError> {
+    authenticate(&app.keys, ctx, request)?;
+    rate_limit(&app.limiter, app.clock.now(), ctx)?;
+    apply_deadline(ctx, request)
+}
+
+/// Rate limit: one token from the caller's bucket, or 429 with `Retry-After`.
+pub fn rate_limit(limiter: &RateLimiter, now: Instant, ctx: &mut Ctx) -> Result<(), ApiError> {
+    let decision = limiter.check(ctx.scope()?, now);
+    ctx.rate = Some(decision);
+    if decision.allowed {
+        Ok(())
+    } else {
+        Err(ApiError::RateLimited {
+            retry_after_s: decision.retry_after_s,
+        })
+    }
+}
+
 /// Deadline: a client may shorten (never lengthen) its budget with `Request-Timeout-Ms`.
 pub fn apply_deadline(ctx: &mut Ctx, request: &Request) -> Result<(), ApiError> {
     if let Some(raw) = http::header(request, "Request-Timeout-Ms") {
@@ -177,6 +206,86 @@ mod tests {
         assert_eq!(s.len(), 32);
         assert!(!s.contains("sk_"));
         assert_ne!(s, scope_of("sk_other"));
+    }
+
+    fn request(headers: &[(&str, &str)]) -> Request {
+        let mut t = tiny_http::TestRequest::new().with_path("/payments");
+        for (k, v) in headers {
+            t = t.with_header(tiny_http::Header::from_bytes(k.as_bytes(), v.as_bytes()).unwrap());
+        }
+        t.into()
+    }
+
+    fn ctx_for(r: &Request) -> Ctx {
+        Ctx::new(r, Instant::now(), Duration::from_secs(3))
+    }
+
+    #[test]
+    fn auth_accepts_a_configured_bearer_key_and_nothing_else() {
+        let keys = ApiKeys::new(&["sk_live_1".into()]);
+        for (header, ok) in [
+            ("Bearer sk_live_1", true),
+            ("bearer sk_live_1", true),
+            ("Bearer sk_live_2", false),
+            ("Basic sk_live_1", false),
+            ("sk_live_1", false),
+        ] {
+            let r = request(&[("Authorization", header)]);
+            let mut ctx = ctx_for(&r);
+            assert_eq!(authenticate(&keys, &mut ctx, &r).is_ok(), ok, "{header}");
+            assert_eq!(ctx.principal.is_some(), ok);
+        }
+        let r = request(&[]);
+        assert!(matches!(
+            authenticate(&keys, &mut ctx_for(&r), &r),
+            Err(ApiError::Unauthorized)
+        ));
+    }
+
+    #[test]
+    fn rate_limit_needs_a_principal_and_records_its_decision() {
+        let limiter = RateLimiter::new(crate::config::parse_rate("1/s").unwrap());
+        let r = request(&[]);
+        let mut ctx = ctx_for(&r);
+        assert!(
+            rate_limit(&limiter, Instant::now(), &mut ctx).is_err(),
+            "no principal, no bucket"
+        );
+        ctx.principal = Some(Principal { scope: "s".into() });
+        let now = Instant::now();
+        assert!(rate_limit(&limiter, now, &mut ctx).is_ok());
+        assert!(matches!(
+            rate_limit(&limiter, now, &mut ctx),
+            Err(ApiError::RateLimited { retry_after_s: 1 })
+        ));
+        assert_eq!(ctx.rate.map(|d| d.allowed), Some(false));
+    }
+
+    #[test]
+    fn the_deadline_can_be_shortened_never_lengthened_and_bad_values_are_400() {
+        for (value, budget_ms) in [
+            ("300", Some(300)),
+            ("9000", Some(3000)),
+            ("0", None),
+            ("abc", None),
+            ("-5", None),
+        ] {
+            let r = request(&[("Request-Timeout-Ms", value)]);
+            let mut ctx = ctx_for(&r);
+            match (apply_deadline(&mut ctx, &r), budget_ms) {
+                (Ok(()), Some(ms)) => assert_eq!(ctx.deadline.budget(), Duration::from_millis(ms)),
+                (Err(ApiError::InvalidRequest { .. }), None) => {}
+                (other, _) => panic!("{value}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn the_request_id_is_the_clients_when_sane() {
+        let r = request(&[("X-Request-Id", "abc-1")]);
+        assert_eq!(ctx_for(&r).request_id, "abc-1");
+        let r = request(&[("X-Request-Id", "has space")]);
+        assert!(ctx_for(&r).request_id.starts_with("req_"));
     }
 
     #[test]

@@ -71,7 +71,9 @@ pub fn create(app: &App, ctx: &mut Ctx, request: &mut Request) -> Result<Reply, 
     ctx.idempotency = Some(if resumed { "resumed" } else { "new" });
 
     // 2. The provider call: no connection is held; the payment id is the provider's key.
-    let outcome = match app.timeouts_slice(ctx, Op::ProviderCall) {
+    let provider_slice = app.timeouts_slice(ctx, Op::ProviderCall);
+    ctx.provider_slice = provider_slice.ok();
+    let outcome = match provider_slice {
         Ok(timeout) => Some(ctx.timed(Step::Provider, || {
             app.provider.charge(
                 &payment.id,

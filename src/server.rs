@@ -25,11 +25,13 @@ use socket2::SockRef;
 use tiny_http::{Method, Request};
 
 use crate::app::App;
+use crate::config::LogFormat;
 use crate::deadline::Step;
 use crate::error::ApiError;
 use crate::http::{self, Reply};
 use crate::middleware::{self, Ctx};
 use crate::payments;
+use crate::ratelimit::RateLimiter;
 
 /// A request read off the socket, waiting for a worker.
 struct Job {
@@ -142,7 +144,7 @@ fn dispatch(
             Ok(Some(request)) => {
                 let job = Job {
                     request,
-                    received: Instant::now(),
+                    received: app.clock.now(),
                 };
                 match tx.try_send(job) {
                     Ok(()) => {}
@@ -243,7 +245,7 @@ fn shed(app: &App, job: Job) {
         retry_after_s: 1,
     }
     .into_reply(&ctx.request_id);
-    finish_and_send(&ctx, job.request, reply);
+    finish_and_send(app, &ctx, job.request, reply);
 }
 
 fn worker(app: &App, rx: Receiver<Job>) {
@@ -263,7 +265,7 @@ fn handle(app: &App, job: Job) {
     let reply = guarded(&ctx.request_id.clone(), || {
         route(app, &mut ctx, &mut request)
     });
-    finish_and_send(&ctx, request, reply);
+    finish_and_send(app, &ctx, request, reply);
 }
 
 /// Runs `f`; an error becomes its problem response and a panic a 500, so the worker lives on.
@@ -297,7 +299,7 @@ fn route(app: &App, ctx: &mut Ctx, request: &mut Request) -> Result<Reply, ApiEr
             if !matches!(method, Method::Post) && !is_get {
                 return Err(ApiError::MethodNotAllowed { allow: "GET, POST" });
             }
-            protected(app, ctx, request)?;
+            middleware::protect(app, ctx, request)?;
             if is_get {
                 payments::list(app, ctx, &query)
             } else {
@@ -309,18 +311,12 @@ fn route(app: &App, ctx: &mut Ctx, request: &mut Request) -> Result<Reply, ApiEr
                 if !is_get {
                     return Err(ApiError::MethodNotAllowed { allow: "GET, HEAD" });
                 }
-                protected(app, ctx, request)?;
+                middleware::protect(app, ctx, request)?;
                 payments::get(app, ctx, id)
             }
             _ => Err(ApiError::NotFound),
         },
     }
-}
-
-/// The middleware links in front of every `/payments` handler: auth → rate limit → deadline.
-fn protected(app: &App, ctx: &mut Ctx, request: &Request) -> Result<(), ApiError> {
-    middleware::authenticate(&app.keys, ctx, request)?;
-    middleware::apply_deadline(ctx, request)
 }
 
 fn readiness(app: &App) -> Reply {
@@ -333,41 +329,89 @@ fn readiness(app: &App) -> Reply {
     }
 }
 
-/// Adds `X-Request-Id` and `Server-Timing`, writes the response, then the access-log line.
-fn finish_and_send(ctx: &Ctx, request: Request, reply: Reply) {
+/// Adds `X-Request-Id`, `Server-Timing` and the rate-limit headers, writes the response, then
+/// the access-log line.
+fn finish_and_send(app: &App, ctx: &Ctx, request: Request, mut reply: Reply) {
     let total = ctx.received.elapsed();
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    let mut timing: Vec<String> = if ctx.path == "/payments" && ctx.method == "POST" {
-        Step::ALL
-            .iter()
-            .map(|s| format!("{};dur={:.1}", s.name(), ms(ctx.timing(*s))))
-            .collect()
-    } else {
-        vec![format!("queue;dur={:.1}", ms(ctx.timing(Step::Queue)))]
-    };
-    timing.push(format!("total;dur={:.1}", ms(total)));
-    let reply = reply
+    reply = reply
         .header("X-Request-Id", ctx.request_id.clone())
-        .header("Server-Timing", timing.join(", "));
+        .header("Server-Timing", server_timing(ctx, total));
+    if let Some(decision) = &ctx.rate {
+        reply = reply
+            .header("RateLimit-Policy", app.limiter.policy_header())
+            .header("RateLimit", RateLimiter::state_header(decision));
+    }
     let status = reply.status;
     if let Err(e) = http::send(request, &reply, ctx.body_consumed) {
         log::debug!("{}: writing the response failed: {e}", ctx.request_id);
     }
-    log::info!(
-        target: "access",
-        "{} {} {} {} total_ms={:.1} queue_ms={:.1} acquire_ms={:.1} claim_ms={:.1} provider_ms={:.1} persist_ms={:.1} idempotency={}",
-        ctx.request_id,
-        ctx.method,
-        ctx.path,
-        status,
-        ms(total),
-        ms(ctx.timing(Step::Queue)),
-        ms(ctx.timing(Step::Acquire)),
-        ms(ctx.timing(Step::Claim)),
-        ms(ctx.timing(Step::Provider)),
-        ms(ctx.timing(Step::Persist)),
-        ctx.idempotency.unwrap_or("-"),
-    );
+    access_log(app.config.log_format, ctx, status, total);
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 10_000.0).round() / 10.0
+}
+
+/// `queue`, `acquire`, `claim`, `provider` (with the slice it was given), `persist`, `total`.
+fn server_timing(ctx: &Ctx, total: Duration) -> String {
+    let mut parts: Vec<String> = if ctx.path == "/payments" && ctx.method == "POST" {
+        Step::ALL
+            .iter()
+            .map(|s| match (s, ctx.provider_slice) {
+                (Step::Provider, Some(slice)) => format!(
+                    "provider;dur={};desc=\"slice {}ms\"",
+                    ms(ctx.timing(*s)),
+                    slice.as_millis()
+                ),
+                _ => format!("{};dur={}", s.name(), ms(ctx.timing(*s))),
+            })
+            .collect()
+    } else {
+        vec![format!("queue;dur={}", ms(ctx.timing(Step::Queue)))]
+    };
+    parts.push(format!("total;dur={}", ms(total)));
+    parts.join(", ")
+}
+
+/// One line per request: id, method, path, status, total and each step's milliseconds, the
+/// idempotency decision. Never the API key.
+fn access_log(format: LogFormat, ctx: &Ctx, status: u16, total: Duration) {
+    let mut fields = vec![
+        ("request_id", json!(ctx.request_id)),
+        ("method", json!(ctx.method)),
+        ("path", json!(ctx.path)),
+        ("status", json!(status)),
+        ("total_ms", json!(ms(total))),
+    ];
+    for step in Step::ALL {
+        fields.push((step.ms_field(), json!(ms(ctx.timing(step)))));
+    }
+    fields.push(("idempotency", json!(ctx.idempotency.unwrap_or("-"))));
+    match format {
+        LogFormat::Json => {
+            let object: serde_json::Map<String, serde_json::Value> = fields
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect();
+            log::info!(target: "access", "{}", serde_json::Value::Object(object));
+        }
+        LogFormat::Text => {
+            let line: Vec<String> = fields
+                .into_iter()
+                .map(|(k, v)| match v {
+                    serde_json::Value::String(s)
+                        if k != "request_id" && k != "method" && k != "path" =>
+                    {
+                        format!("{k}={s}")
+                    }
+                    serde_json::Value::String(s) => s,
+                    v if k == "status" => v.to_string(),
+                    v => format!("{k}={v}"),
+                })
+                .collect();
+            log::info!(target: "access", "{}", line.join(" "));
+        }
+    }
 }
 
 #[cfg(test)]

@@ -172,7 +172,7 @@ fn payment_bytes(key: &str) -> Vec<u8> {
 
 #[test]
 fn a_hundred_connections_opened_at_once_get_every_answer_within_the_request_timeout() {
-    let serve = Serve::start(&["--queue", "512"]);
+    let serve = Serve::start(&["--queue", "512", "--rate-limit", "100000/s"]);
     let addr = serve.proc.addr;
     let clients: Vec<Client> = (0..100).map(|_| Client::connect(addr)).collect();
     let start = Arc::new(Barrier::new(100));
@@ -207,7 +207,7 @@ fn a_hundred_connections_opened_at_once_get_every_answer_within_the_request_time
 
 #[test]
 fn two_hundred_payments_right_after_start_up_all_succeed() {
-    let serve = Serve::start(&["--queue", "512"]);
+    let serve = Serve::start(&["--queue", "512", "--rate-limit", "100000/s"]);
     let url = serve.url().to_string();
     let start = Arc::new(Barrier::new(200));
     let handles: Vec<_> = (0..200)

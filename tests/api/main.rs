@@ -3,7 +3,9 @@
 mod helpers;
 
 mod backpressure;
+mod budget;
 mod guards;
+mod middleware;
 mod payments;
 mod provider_faults;
 mod slow_clients;

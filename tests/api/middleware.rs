@@ -1,0 +1,88 @@
+//! Auth, rate limit and the access log, as a client and an operator see them.
+
+use std::time::Duration;
+
+use crate::helpers::*;
+
+#[test]
+fn over_the_rate_is_429_with_retry_after_and_the_ratelimit_headers() {
+    let serve = Serve::start(&["--rate-limit", "5/s"]);
+    let url = format!("{}/payments", serve.url());
+    let mut statuses = Vec::new();
+    let mut last = None;
+    for _ in 0..8 {
+        let r = get(&url);
+        statuses.push(r.status);
+        last = Some(r);
+    }
+    assert_eq!(statuses[..5], [200; 5], "{statuses:?}");
+    assert!(statuses[5..].iter().all(|s| *s == 429), "{statuses:?}");
+    let r = last.unwrap();
+    assert_eq!(r.body["code"], "rate-limited");
+    assert_eq!(r.header("Retry-After"), Some("1"));
+    assert_eq!(r.header("RateLimit-Policy"), Some("\"default\";q=5;w=1"));
+    assert_eq!(r.header("RateLimit"), Some("\"default\";r=0;t=1"));
+    // The bucket refills: a request a little later goes through and says what is left.
+    let ok = eventually(Duration::from_secs(3), "a token comes back", || {
+        let r = get(&url);
+        (r.status == 200).then_some(r)
+    });
+    assert!(
+        ok.header("RateLimit")
+            .unwrap()
+            .starts_with("\"default\";r=")
+    );
+    // Unauthenticated endpoints carry no rate-limit headers.
+    let h = agent()
+        .get(format!("{}/healthz", serve.url()))
+        .call()
+        .unwrap();
+    assert!(h.headers().get("RateLimit").is_none());
+}
+
+#[test]
+fn wrong_keys_are_401_and_no_key_ever_reaches_the_log() {
+    let mut serve = Serve::start(&["--api-key", "sk_live_secret_1", "--log-format", "json"]);
+    for key in ["sk_live_secret_1", "sk_wrong_guess_9"] {
+        let _ = agent()
+            .post(format!("{}/payments", serve.url()))
+            .header("Authorization", format!("Bearer {key}"))
+            .header("Idempotency-Key", "log-1")
+            .header("Content-Type", "application/json")
+            .send(body(100).as_bytes())
+            .unwrap();
+    }
+    let wrong = agent()
+        .get(format!("{}/payments", serve.url()))
+        .header("Authorization", "Bearer sk_wrong_guess_9")
+        .call()
+        .unwrap();
+    assert_eq!(wrong.status().as_u16(), 401);
+    assert_eq!(wrong.headers().get("WWW-Authenticate").unwrap(), "Bearer");
+    serve
+        .proc
+        .wait_for_log("\"status\":401", Duration::from_secs(5));
+    let log = serve.proc.log_text();
+    assert!(
+        !log.contains("sk_live_secret_1") && !log.contains("sk_wrong_guess_9"),
+        "{log}"
+    );
+    // The JSON access log is one object a line with every step.
+    let line = log
+        .lines()
+        .find(|l| l.contains("\"target\":\"access\"") && l.contains("\"status\":201"))
+        .unwrap_or_else(|| panic!("no JSON access line for the payment:\n{log}"));
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    for field in [
+        "request_id",
+        "total_ms",
+        "queue_ms",
+        "acquire_ms",
+        "claim_ms",
+        "provider_ms",
+        "persist_ms",
+    ] {
+        assert!(v.get(field).is_some(), "{field} missing in {line}");
+    }
+    assert_eq!(v["idempotency"], "new");
+}
