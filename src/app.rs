@@ -89,10 +89,13 @@ pub fn run_serve(config: ServeConfig) -> Result<(), ServeError> {
             sim.url()
         }
     };
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let provider = ProviderClient::new(
         &provider_url,
         config.workers as usize,
         (config.provider_timeout / 2).max(Duration::from_millis(1)),
+        config.breaker(),
+        clock.clone(),
     );
     let listener = TcpListener::bind(config.addr)
         .map_err(|e| ServeError::Runtime(format!("cannot bind {}: {e}", config.addr)))?;
@@ -108,7 +111,7 @@ pub fn run_serve(config: ServeConfig) -> Result<(), ServeError> {
         lock_ttl: config.request_timeout + Duration::from_secs(1),
         keys: ApiKeys::new(&keys),
         limiter: RateLimiter::new(config.rate_limit),
-        clock: Arc::new(SystemClock),
+        clock,
         db,
         provider,
         draining: AtomicBool::new(false),

@@ -141,6 +141,27 @@ pub struct ServeConfig {
     /// How long a finished idempotency key is kept.
     #[arg(long = "idempotency-ttl", env = "PAYTRACE_IDEMPOTENCY_TTL", default_value = "24h", value_parser = parse_duration)]
     pub idempotency_ttl: Duration,
+    /// Breaker: how many of the last provider calls are judged.
+    #[arg(long = "breaker-window", env = "PAYTRACE_BREAKER_WINDOW", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub breaker_window: u32,
+    /// Breaker: calls recorded before the window is judged at all.
+    #[arg(long = "breaker-min-calls", env = "PAYTRACE_BREAKER_MIN_CALLS", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub breaker_min_calls: u32,
+    /// Breaker: opens when at least this share of the window failed, e.g. 50%.
+    #[arg(long = "breaker-failure-rate", env = "PAYTRACE_BREAKER_FAILURE_RATE", default_value = "50%", value_parser = parse_percent)]
+    pub breaker_failure_rate: f64,
+    /// Breaker: a call slower than this counts as slow.
+    #[arg(long = "breaker-slow-call", env = "PAYTRACE_BREAKER_SLOW_CALL", default_value = "500ms", value_parser = parse_duration)]
+    pub breaker_slow_call: Duration,
+    /// Breaker: opens when at least this share of the window was slow, e.g. 80%.
+    #[arg(long = "breaker-slow-rate", env = "PAYTRACE_BREAKER_SLOW_RATE", default_value = "80%", value_parser = parse_percent)]
+    pub breaker_slow_rate: f64,
+    /// Breaker: how long it stays open, rejecting at once.
+    #[arg(long = "breaker-open", env = "PAYTRACE_BREAKER_OPEN", default_value = "5s", value_parser = parse_duration)]
+    pub breaker_open: Duration,
+    /// Breaker: trial calls let through when half-open.
+    #[arg(long = "breaker-half-open-calls", env = "PAYTRACE_BREAKER_HALF_OPEN_CALLS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub breaker_half_open_calls: u32,
     /// Log format: text or json; the level comes from RUST_LOG (default info).
     #[arg(long = "log-format", env = "PAYTRACE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -150,6 +171,19 @@ pub struct ServeConfig {
 pub const DEV_API_KEY: &str = "sk_test_paytrace";
 
 impl ServeConfig {
+    /// The breaker's thresholds from the `--breaker-*` flags.
+    pub fn breaker(&self) -> crate::breaker::BreakerConfig {
+        crate::breaker::BreakerConfig {
+            window: self.breaker_window as usize,
+            min_calls: self.breaker_min_calls as usize,
+            failure_rate: self.breaker_failure_rate,
+            slow_call: self.breaker_slow_call,
+            slow_rate: self.breaker_slow_rate,
+            open_for: self.breaker_open,
+            half_open_calls: self.breaker_half_open_calls as usize,
+        }
+    }
+
     /// The graceful drain limit: `--drain-timeout`, or the request timeout plus 2 s.
     pub fn drain_timeout(&self) -> Duration {
         self.drain_timeout
@@ -186,6 +220,12 @@ impl ServeConfig {
                 ms(self.provider_timeout),
                 ms(needed),
                 ms(self.request_timeout)
+            ));
+        }
+        if self.breaker_min_calls > self.breaker_window {
+            return Err(format!(
+                "breaker-min-calls {} cannot be more than breaker-window {}: the window would never be judged",
+                self.breaker_min_calls, self.breaker_window
             ));
         }
         if self.socket_timeout.is_zero() {
@@ -229,6 +269,20 @@ pub struct ProviderConfig {
     /// Seed for the fault draws, so a run can be repeated exactly.
     #[arg(long, env = "PAYTRACE_SEED")]
     pub seed: Option<u64>,
+}
+
+/// `50%` or `50` → 0.5 (percent, 0 to 100).
+pub fn parse_percent(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .trim()
+        .trim_end_matches('%')
+        .parse()
+        .map_err(|_| format!("`{s}` is not a percentage like 50%"))?;
+    if (0.0..=100.0).contains(&v) {
+        Ok(v / 100.0)
+    } else {
+        Err(format!("`{s}` is not between 0% and 100%"))
+    }
 }
 
 pub fn parse_fraction(s: &str) -> Result<f64, String> {
@@ -284,6 +338,9 @@ mod tests {
         assert_eq!(c.max_body, 16 * 1024);
         assert_eq!(c.drain_timeout(), Duration::from_secs(5));
         assert!(c.validate().is_ok());
+        assert_eq!(c.breaker(), crate::breaker::BreakerConfig::default());
+        assert_eq!(parse_percent("50"), Ok(0.5));
+        assert!(parse_percent("150%").is_err());
         assert_eq!(c.api_keys(), (vec![DEV_API_KEY.to_string()], true));
     }
 

@@ -20,7 +20,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the payments server.
-    Serve(ServeConfig),
+    Serve(Box<ServeConfig>),
     /// Run the simulated payment provider.
     Provider(ProviderConfig),
 }
@@ -30,7 +30,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve(config) => {
             init_logging(config.log_format);
-            match paytrace::app::run_serve(config) {
+            match paytrace::app::run_serve(*config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(paytrace::app::ServeError::Config(reason)) => {
                     eprintln!("paytrace: invalid configuration: {reason}");

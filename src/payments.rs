@@ -187,6 +187,20 @@ fn settle(
                 }),
             )
         }
+        Some(ChargeOutcome::Rejected { retry_after }) => {
+            payment.status = never_sent;
+            if never_sent == PaymentStatus::Failed {
+                payment.failure_code = Some("provider_unavailable".into());
+            }
+            (
+                None,
+                Err(ApiError::ProviderUnavailable {
+                    detail: "the payment provider is failing and the circuit breaker is open; nothing was sent".into(),
+                    retry_after_s: retry_after.as_secs_f64().ceil().max(1.0) as u64,
+                    payment: Some(payment.to_json()),
+                }),
+            )
+        }
         None => {
             payment.status = never_sent;
             (

@@ -25,6 +25,7 @@ use socket2::SockRef;
 use tiny_http::{Method, Request};
 
 use crate::app::App;
+use crate::breaker::State;
 use crate::config::LogFormat;
 use crate::deadline::Step;
 use crate::error::ApiError;
@@ -345,7 +346,13 @@ fn finish_and_send(app: &App, ctx: &Ctx, request: Request, mut reply: Reply) {
     if let Err(e) = http::send(request, &reply, ctx.body_consumed) {
         log::debug!("{}: writing the response failed: {e}", ctx.request_id);
     }
-    access_log(app.config.log_format, ctx, status, total);
+    access_log(
+        app.config.log_format,
+        ctx,
+        status,
+        total,
+        app.provider.breaker_state(),
+    );
 }
 
 fn ms(d: Duration) -> f64 {
@@ -375,7 +382,7 @@ fn server_timing(ctx: &Ctx, total: Duration) -> String {
 
 /// One line per request: id, method, path, status, total and each step's milliseconds, the
 /// idempotency decision. Never the API key.
-fn access_log(format: LogFormat, ctx: &Ctx, status: u16, total: Duration) {
+fn access_log(format: LogFormat, ctx: &Ctx, status: u16, total: Duration, breaker: State) {
     let mut fields = vec![
         ("request_id", json!(ctx.request_id)),
         ("method", json!(ctx.method)),
@@ -387,6 +394,7 @@ fn access_log(format: LogFormat, ctx: &Ctx, status: u16, total: Duration) {
         fields.push((step.ms_field(), json!(ms(ctx.timing(step)))));
     }
     fields.push(("idempotency", json!(ctx.idempotency.unwrap_or("-"))));
+    fields.push(("breaker", json!(breaker.name())));
     match format {
         LogFormat::Json => {
             let object: serde_json::Map<String, serde_json::Value> = fields

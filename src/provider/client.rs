@@ -6,10 +6,14 @@
 //! went out means the charge may exist (`pending`, resolved later by asking the provider).
 
 use std::io::Read;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::json;
+
+use crate::breaker::{Breaker, BreakerConfig, Outcome, State, Transition};
+use crate::clock::Clock;
 
 /// What one charge attempt came to.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -27,6 +31,8 @@ pub enum ChargeOutcome {
     Timeout,
     /// Nothing was sent: the connection could not be made.
     Unreachable { detail: String },
+    /// Nothing was sent: the breaker is open (or its half-open trials are taken).
+    Rejected { retry_after: Duration },
 }
 
 #[derive(Deserialize)]
@@ -52,18 +58,25 @@ struct ChargeList {
     data: Vec<Charge>,
 }
 
-/// The shared client. Cloning shares the agent and its connection pool.
-#[derive(Clone)]
+/// The shared client: one agent (and its connection pool) behind one breaker.
 pub struct ProviderClient {
     agent: ureq::Agent,
     base: String,
     connect_timeout: Duration,
+    breaker: Breaker,
+    clock: Arc<dyn Clock>,
 }
 
 impl ProviderClient {
     /// `pool` idle connections are kept (size it to the workers, so a busy server does not
     /// re-open connections per call).
-    pub fn new(base_url: &str, pool: usize, connect_timeout: Duration) -> ProviderClient {
+    pub fn new(
+        base_url: &str,
+        pool: usize,
+        connect_timeout: Duration,
+        breaker: BreakerConfig,
+        clock: Arc<dyn Clock>,
+    ) -> ProviderClient {
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .max_idle_connections(pool)
@@ -76,7 +89,44 @@ impl ProviderClient {
             agent,
             base: base_url.trim_end_matches('/').to_string(),
             connect_timeout,
+            breaker: Breaker::new(breaker, clock.now()),
+            clock,
         }
+    }
+
+    pub fn breaker_state(&self) -> State {
+        self.breaker.state(self.clock.now())
+    }
+
+    /// `POST /v1/charges` through the breaker: rejected at once while it is open; otherwise the
+    /// call is made and its outcome (and duration) recorded. Declines are successes.
+    pub fn charge(
+        &self,
+        idempotency_key: &str,
+        amount: i64,
+        currency: &str,
+        source: &str,
+        timeout: Duration,
+    ) -> ChargeOutcome {
+        let started = self.clock.now();
+        let (permit, transition) = self.breaker.try_acquire(started);
+        log_transition(transition);
+        let permit = match permit {
+            Ok(p) => p,
+            Err(rejected) => {
+                return ChargeOutcome::Rejected {
+                    retry_after: rejected.retry_after,
+                };
+            }
+        };
+        let outcome = self.send_charge(idempotency_key, amount, currency, source, timeout);
+        let counted = match outcome {
+            ChargeOutcome::Charged { .. } | ChargeOutcome::Declined { .. } => Outcome::Success,
+            _ => Outcome::Failure,
+        };
+        let now = self.clock.now();
+        log_transition(self.breaker.record(permit, counted, now - started, now));
+        outcome
     }
 
     pub fn base_url(&self) -> &str {
@@ -84,7 +134,7 @@ impl ProviderClient {
     }
 
     /// `POST /v1/charges` with `idempotency_key` (the payment id), waiting at most `timeout`.
-    pub fn charge(
+    fn send_charge(
         &self,
         idempotency_key: &str,
         amount: i64,
@@ -161,6 +211,12 @@ impl ProviderClient {
             .read_json::<ChargeList>()
             .map(|l| l.data)
             .map_err(|e| e.to_string())
+    }
+}
+
+fn log_transition(t: Option<Transition>) {
+    if let Some(t) = t {
+        log::warn!("breaker {} → {}: {}", t.from.name(), t.to.name(), t.reason);
     }
 }
 

@@ -3,6 +3,7 @@
 mod helpers;
 
 mod backpressure;
+mod breaker;
 mod budget;
 mod guards;
 mod middleware;

@@ -1,0 +1,149 @@
+//! The circuit breaker around the provider, against a provider that fails on command.
+
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::helpers::*;
+
+fn set_faults(provider: &Proc, json: &str) {
+    let r = agent()
+        .put(format!("{}/_control/faults", provider.url))
+        .send(json.as_bytes())
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+}
+
+fn requests(provider: &Proc) -> u64 {
+    provider_stats(&provider.url)["requests"].as_u64().unwrap()
+}
+
+#[test]
+fn a_failing_provider_opens_the_breaker_then_trial_calls_close_it() {
+    let provider = provider(&["--fail-rate", "1", "--seed", "7"]);
+    let mut serve = Serve::start(&[
+        "--provider-url",
+        &provider.url,
+        "--breaker-open",
+        "1s",
+        "--rate-limit",
+        "10000/s",
+    ]);
+    for i in 0..10 {
+        let r = pay(serve.url(), &format!("f-{i}"), &body(100));
+        assert_eq!(
+            r.status, 502,
+            "call {i} reaches the failing provider: {}",
+            r.body
+        );
+    }
+    serve
+        .proc
+        .wait_for_log("breaker closed → open", Duration::from_secs(2));
+    let opened = Instant::now();
+    let before = requests(&provider);
+    assert_eq!(before, 10);
+    for i in 0..50 {
+        let r = pay(serve.url(), &format!("o-{i}"), &body(100));
+        assert_eq!(r.status, 503, "{}", r.body);
+        assert_eq!(r.body["code"], "provider-unavailable");
+        assert_eq!(r.body["payment"]["status"], "failed");
+        let retry: u64 = r.header("Retry-After").unwrap().parse().unwrap();
+        assert!((1..=1).contains(&retry), "Retry-After {retry}");
+        assert!(
+            r.elapsed < Duration::from_millis(20),
+            "short-circuited in {:?}",
+            r.elapsed
+        );
+    }
+    assert_eq!(requests(&provider), before, "nothing was sent while open");
+
+    // Faults cleared, slow enough that the trials are in flight together: of 10 payments
+    // arriving at once after the open period, only the 3 trial calls reach the provider.
+    set_faults(&provider, r#"{"fail_rate":0,"latency_ms":300}"#);
+    // The open period is a known timer (1 s from the opening): wait it out, no longer.
+    let reopens = opened + Duration::from_millis(1100);
+    eventually(Duration::from_secs(3), "the open period is over", || {
+        (Instant::now() >= reopens).then_some(())
+    });
+    let start = Arc::new(Barrier::new(10));
+    let url = serve.url().to_string();
+    let handles: Vec<_> = (0..10)
+        .map(|i| {
+            let url = url.clone();
+            let start = start.clone();
+            thread::spawn(move || {
+                start.wait();
+                pay(&url, &format!("trial-{i}"), &body(100))
+            })
+        })
+        .collect();
+    let statuses: Vec<u16> = handles
+        .into_iter()
+        .map(|h| h.join().unwrap().status)
+        .collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 201).count(),
+        3,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 503).count(),
+        7,
+        "{statuses:?}"
+    );
+    assert_eq!(requests(&provider), before + 3);
+    serve
+        .proc
+        .wait_for_log("breaker half-open → closed", Duration::from_secs(2));
+    let r = pay(serve.url(), "after", &body(100));
+    assert_eq!(r.status, 201);
+}
+
+#[test]
+fn a_hanging_provider_times_out_counts_as_failing_and_no_request_outlives_its_budget() {
+    let provider = provider(&["--hang-rate", "1"]);
+    let mut serve = Serve::start(&[
+        "--provider-url",
+        &provider.url,
+        "--provider-timeout",
+        "300ms",
+        "--breaker-min-calls",
+        "4",
+        "--rate-limit",
+        "10000/s",
+    ]);
+    let start = Arc::new(Barrier::new(8));
+    let url = serve.url().to_string();
+    let handles: Vec<_> = (0..8)
+        .map(|i| {
+            let url = url.clone();
+            let start = start.clone();
+            thread::spawn(move || {
+                start.wait();
+                pay(&url, &format!("h-{i}"), &body(100))
+            })
+        })
+        .collect();
+    let mut timed_out = 0;
+    for h in handles {
+        let r = h.join().unwrap();
+        match r.status {
+            504 => {
+                assert_eq!(r.body["step"], "provider");
+                timed_out += 1;
+            }
+            // A call that started after four had failed finds the breaker open.
+            503 => assert_eq!(r.body["code"], "provider-unavailable"),
+            other => panic!("{other}: {}", r.body),
+        }
+        assert!(r.elapsed < Duration::from_millis(3000), "{:?}", r.elapsed);
+    }
+    assert!(timed_out >= 4, "{timed_out} calls timed out");
+    serve
+        .proc
+        .wait_for_log("breaker closed → open", Duration::from_secs(2));
+    let r = pay(serve.url(), "h-after", &body(100));
+    assert_eq!(r.status, 503);
+    assert!(r.elapsed < Duration::from_millis(50), "{:?}", r.elapsed);
+}
