@@ -118,6 +118,9 @@ pub fn run_serve(config: ServeConfig) -> Result<(), ServeError> {
         config,
     });
     let stop = crate::shutdown::install_signal_handlers().map_err(ServeError::Runtime)?;
+    let background_stop = Arc::new(AtomicBool::new(false));
+    let housekeeping = crate::reconciler::spawn(app.clone(), background_stop.clone())
+        .map_err(ServeError::Runtime)?;
     log::info!(
         "listening on http://{addr} (workers {}, queue {}, pool {}, db {}); provider {}",
         app.config.workers,
@@ -126,5 +129,7 @@ pub fn run_serve(config: ServeConfig) -> Result<(), ServeError> {
         app.config.db.display(),
         provider_url
     );
-    server::run(app, listener, stop).map_err(ServeError::Runtime)
+    let served = server::run(app.clone(), listener, stop);
+    crate::shutdown::teardown(&app, &background_stop, housekeeping);
+    served.map_err(ServeError::Runtime)
 }

@@ -196,6 +196,90 @@ pub fn persist(
     Ok(())
 }
 
+/// A payment whose request is gone before its outcome was known: `processing` or `pending`,
+/// its key neither finished nor held by a live request.
+#[derive(Clone, Debug)]
+pub struct Unsettled {
+    pub scope: String,
+    pub key: String,
+    pub payment: Payment,
+}
+
+/// Up to `limit` unsettled payments; a lock taken before `stale_before_ms` belongs to a request
+/// that died.
+pub fn unsettled(
+    conn: &rusqlite::Connection,
+    stale_before_ms: i64,
+    limit: usize,
+) -> rusqlite::Result<Vec<Unsettled>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT k.scope, k.key, p.id FROM payments p JOIN idempotency_keys k ON k.payment_id = p.id
+         WHERE p.status IN ('processing', 'pending') AND k.response_status IS NULL
+           AND (k.locked_at_ms IS NULL OR k.locked_at_ms < ?1)
+         ORDER BY p.seq LIMIT ?2",
+    )?;
+    let rows: Vec<(String, String, String)> = stmt
+        .query_map(params![stale_before_ms, limit as i64], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut out = Vec::with_capacity(rows.len());
+    for (scope, key, id) in rows {
+        if let Some(payment) = db::payment_by_id(conn, &id)? {
+            out.push(Unsettled {
+                scope,
+                key,
+                payment,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Records what the reconciler found for `u`, unless a request took the key meanwhile (then
+/// that request will find out for itself): the payment's new state, and with `stored` the key
+/// is finished and replays it; without, the key is released and stays retryable.
+/// Returns whether anything was written.
+pub fn settle(
+    tx: &Transaction,
+    u: &Unsettled,
+    payment: &Payment,
+    stored: Option<&StoredResponse>,
+    stale_before_ms: i64,
+    now: SystemTime,
+) -> rusqlite::Result<bool> {
+    let free: bool = tx
+        .prepare_cached(
+            "SELECT response_status IS NULL AND (locked_at_ms IS NULL OR locked_at_ms < ?3)
+             FROM idempotency_keys WHERE scope = ?1 AND key = ?2",
+        )?
+        .query_row(params![u.scope, u.key, stale_before_ms], |r| r.get(0))
+        .optional()?
+        .unwrap_or(false);
+    if !free {
+        return Ok(false);
+    }
+    // Take the key for this write, then finish or release it like a request would.
+    let token = "reconciler";
+    tx.prepare_cached(
+        "UPDATE idempotency_keys SET lock_token = ?3, locked_at_ms = ?4 WHERE scope = ?1 AND key = ?2",
+    )?
+    .execute(params![u.scope, u.key, token, db::unix_ms(now)])?;
+    let attempt = Attempt {
+        scope: &u.scope,
+        key: &u.key,
+        token,
+    };
+    persist(tx, attempt, payment, stored, now)?;
+    Ok(true)
+}
+
+/// Deletes finished keys older than `finished_before_ms`; payments are never deleted.
+pub fn sweep(tx: &Transaction, finished_before_ms: i64) -> rusqlite::Result<usize> {
+    tx.prepare_cached("DELETE FROM idempotency_keys WHERE finished_at_ms < ?1")?
+        .execute(params![finished_before_ms])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -304,6 +388,50 @@ mod tests {
         .unwrap();
         drop(c);
         assert_eq!(do_claim(&db, "k", 5, "t5", later), NextAction::Replay(resp));
+    }
+
+    #[test]
+    fn unsettled_payments_are_found_and_settled_unless_a_request_holds_them() {
+        let (_d, db) = setup();
+        let t0 = SystemTime::now();
+        let now_ms = db::unix_ms(t0);
+        let NextAction::Charge { mut payment, .. } = do_claim(&db, "k", 5, "t1", t0) else {
+            panic!()
+        };
+        let conn = db.acquire(Duration::from_secs(1)).unwrap();
+        assert!(
+            unsettled(&conn, now_ms - 4000, 10).unwrap().is_empty(),
+            "a live request holds it"
+        );
+        let found = unsettled(&conn, now_ms + 1, 10).unwrap();
+        drop(conn);
+        assert_eq!(found.len(), 1, "its lock is stale");
+        payment.status = PaymentStatus::Succeeded;
+        let resp = StoredResponse {
+            status: 201,
+            headers: vec![],
+            body: b"{}".to_vec(),
+        };
+        let mut w = db.writer(Duration::from_secs(1)).unwrap();
+        let live = w
+            .transaction(Duration::from_millis(100), |tx| {
+                settle(tx, &found[0], &payment, Some(&resp), now_ms - 4000, t0)
+            })
+            .unwrap();
+        assert!(!live, "not while the lock is fresh");
+        let done = w
+            .transaction(Duration::from_millis(100), |tx| {
+                settle(tx, &found[0], &payment, Some(&resp), now_ms + 1, t0)
+            })
+            .unwrap();
+        assert!(done);
+        drop(w);
+        assert_eq!(do_claim(&db, "k", 5, "t2", t0), NextAction::Replay(resp));
+        let mut w = db.writer(Duration::from_secs(1)).unwrap();
+        let swept = w
+            .transaction(Duration::from_millis(100), |tx| sweep(tx, now_ms + 1))
+            .unwrap();
+        assert_eq!(swept, 1);
     }
 
     #[test]

@@ -30,5 +30,6 @@ pub mod middleware;
 pub mod payments;
 pub mod provider;
 pub mod ratelimit;
+pub mod reconciler;
 pub mod server;
 pub mod shutdown;

@@ -136,16 +136,13 @@ fn settle(
             payment.status = PaymentStatus::Succeeded;
             payment.provider_charge_id = Some(charge_id);
             payment.failure_code = None;
-            let reply =
-                Reply::json(201, payment).header("Location", format!("/payments/{}", payment.id));
-            (Some(store(&reply)), Ok(reply))
+            final_answer(payment, request_id)
         }
         Some(ChargeOutcome::Declined { charge_id, code }) => {
             payment.status = PaymentStatus::Declined;
             payment.provider_charge_id = charge_id;
             payment.failure_code = Some(code);
-            let reply = declined(payment, request_id);
-            (Some(store(&reply)), Ok(reply))
+            final_answer(payment, request_id)
         }
         Some(ChargeOutcome::Ambiguous { status, detail }) => {
             log::warn!(
@@ -223,6 +220,28 @@ fn as_pending(payment: &Payment) -> Value {
     v
 }
 
+fn final_answer(
+    payment: &Payment,
+    request_id: &str,
+) -> (Option<StoredResponse>, Result<Reply, ApiError>) {
+    match final_reply(payment, request_id) {
+        Some(reply) => (Some(to_stored(&reply)), Ok(reply)),
+        None => (None, Err(ApiError::Internal("no final outcome".into()))),
+    }
+}
+
+/// The answer for a payment whose outcome is final — 201 with `Location`, or 402
+/// `card-declined` — exactly as it is stored for replays. `None` for any other status.
+pub fn final_reply(payment: &Payment, request_id: &str) -> Option<Reply> {
+    match payment.status {
+        PaymentStatus::Succeeded => {
+            Some(Reply::json(201, payment).header("Location", format!("/payments/{}", payment.id)))
+        }
+        PaymentStatus::Declined => Some(declined(payment, request_id)),
+        _ => None,
+    }
+}
+
 /// 402 `card-declined`, a stored outcome.
 fn declined(payment: &Payment, request_id: &str) -> Reply {
     Reply::problem(
@@ -239,7 +258,8 @@ fn declined(payment: &Payment, request_id: &str) -> Reply {
     )
 }
 
-fn store(reply: &Reply) -> StoredResponse {
+/// A reply as the idempotency table keeps it (its content type among the headers).
+pub fn to_stored(reply: &Reply) -> StoredResponse {
     let mut headers = vec![("Content-Type".to_string(), reply.content_type.clone())];
     headers.extend(reply.headers.iter().cloned());
     StoredResponse {

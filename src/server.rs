@@ -90,13 +90,6 @@ pub fn run(app: Arc<App>, listener: TcpListener, stop: Arc<AtomicBool>) -> Resul
     background_stop.store(true, Ordering::SeqCst);
     let _ = keeper.join();
     let _ = prober.join();
-    if result.is_ok() {
-        // Last, and only once every worker is done with it: the pool.
-        if let Err(e) = app.db.checkpoint(Duration::from_secs(2)) {
-            log::warn!("WAL checkpoint at shutdown failed: {e}");
-        }
-        log::info!("shutdown complete");
-    }
     result
 }
 

@@ -7,7 +7,11 @@
 //! with status 1.
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::app::App;
 
 /// Registers SIGTERM and SIGINT: the first sets the returned flag, a second one while it is set
 /// exits the process with status 1.
@@ -20,4 +24,17 @@ pub fn install_signal_handlers() -> Result<Arc<AtomicBool>, String> {
             .map_err(|e| format!("cannot register signal {sig}: {e}"))?;
     }
     Ok(term)
+}
+
+/// After the workers are joined (nothing can start a request any more): stop the background
+/// threads that use the pool, then — last — checkpoint the WAL and let the pool close.
+pub fn teardown(app: &App, background_stop: &AtomicBool, housekeeping: JoinHandle<()>) {
+    background_stop.store(true, Ordering::SeqCst);
+    if housekeeping.join().is_err() {
+        log::error!("the housekeeping thread panicked");
+    }
+    match app.db.checkpoint(Duration::from_secs(2)) {
+        Ok(()) => log::info!("WAL checkpointed; shutdown complete"),
+        Err(e) => log::warn!("WAL checkpoint at shutdown failed: {e}"),
+    }
 }

@@ -20,6 +20,7 @@ fn requests(provider: &Proc) -> u64 {
 
 #[test]
 fn a_failing_provider_opens_the_breaker_then_trial_calls_close_it() {
+    let _serial = exclusive();
     let provider = provider(&["--fail-rate", "1", "--seed", "7"]);
     let mut serve = Serve::start(&[
         "--provider-url",
@@ -102,6 +103,7 @@ fn a_failing_provider_opens_the_breaker_then_trial_calls_close_it() {
 
 #[test]
 fn a_hanging_provider_times_out_counts_as_failing_and_no_request_outlives_its_budget() {
+    let _serial = exclusive();
     let provider = provider(&["--hang-rate", "1"]);
     let mut serve = Serve::start(&[
         "--provider-url",

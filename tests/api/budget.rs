@@ -35,6 +35,7 @@ fn timing(r: &Resp, name: &str) -> (f64, Option<f64>) {
 
 #[test]
 fn a_hanging_provider_is_cut_off_inside_the_request_timeout_and_frees_everything() {
+    let _serial = exclusive();
     let provider = provider(&["--hang-rate", "1"]);
     let serve = Serve::start(&[
         "--provider-url",
@@ -71,6 +72,7 @@ fn a_hanging_provider_is_cut_off_inside_the_request_timeout_and_frees_everything
 
 #[test]
 fn a_client_budget_of_300ms_ends_a_slow_payment_in_about_300ms() {
+    let _serial = exclusive();
     let provider = provider(&["--latency", "500ms"]);
     let serve = Serve::start(&["--provider-url", &provider.url]);
     let r = pay_with(
@@ -103,6 +105,7 @@ fn a_client_budget_of_300ms_ends_a_slow_payment_in_about_300ms() {
 
 #[test]
 fn time_spent_queued_shows_in_server_timing_and_shrinks_the_provider_slice() {
+    let _serial = exclusive();
     let provider = provider(&["--latency", "400ms"]);
     let serve = Serve::start(&[
         "--provider-url",

@@ -12,6 +12,13 @@ use serde_json::Value;
 
 pub const KEY: &str = "sk_test_paytrace";
 
+/// Tests that put heavy load on the machine, and tests that assert tight timings, take this
+/// lock so that they never run at the same time (the rest still run in parallel).
+pub fn exclusive() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A running `paytrace` process; killed when dropped.
 pub struct Proc {
     child: Child,
@@ -116,7 +123,11 @@ pub struct Serve {
 
 impl Serve {
     pub fn start(args: &[&str]) -> Serve {
-        let dir = tempfile::tempdir().unwrap();
+        Serve::start_in(tempfile::tempdir().unwrap(), args)
+    }
+
+    /// Starts on the database in `dir` (to restart after a crash).
+    pub fn start_in(dir: tempfile::TempDir, args: &[&str]) -> Serve {
         let db = dir.path().join("paytrace.db");
         let mut all = vec![
             "serve",
@@ -149,6 +160,14 @@ impl Serve {
 
     pub fn url(&self) -> &str {
         &self.proc.url
+    }
+
+    /// SIGKILL, no chance to clean up; the database directory is handed back.
+    pub fn kill9(self) -> tempfile::TempDir {
+        let Serve { mut proc, dir, .. } = self;
+        proc.child.kill().unwrap();
+        proc.child.wait().unwrap();
+        dir
     }
 
     pub fn db(&self) -> rusqlite::Connection {

@@ -6,6 +6,7 @@ mod backpressure;
 mod breaker;
 mod budget;
 mod guards;
+mod idempotency;
 mod middleware;
 mod payments;
 mod provider_faults;

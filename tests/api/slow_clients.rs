@@ -10,6 +10,7 @@ use crate::helpers::*;
 
 #[test]
 fn clients_that_stop_sending_do_not_hold_workers_or_connections() {
+    let _serial = exclusive();
     let serve = Serve::start(&["--workers", "4", "--socket-timeout", "1s"]);
     let addr = serve.proc.addr;
     // Six clients declare a 100 KB body and never send it.

@@ -1,0 +1,150 @@
+//! The housekeeping thread: the reconciler, which settles payments whose requests are gone
+//! before their outcome was known, and the sweeper, which deletes expired idempotency keys.
+//!
+//! The reconciler only ever *asks* the provider (`GET /v1/charges?idempotency_key=<payment id>`);
+//! it never creates a charge. A charge the provider holds settles the payment (`succeeded` or
+//! `declined`) and stores the response a retry will replay; no charge, once the last attempt is
+//! older than the provider timeout plus [`NO_CHARGE_MARGIN`], makes the payment `failed` with its
+//! key retryable. It runs at start-up too, so after a crash the same mechanism picks up what the
+//! dead process left behind.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::app::App;
+use crate::breaker::State;
+use crate::db::{self, PaymentStatus};
+use crate::idempotency::{self, Unsettled};
+use crate::payments;
+
+/// How often unsettled payments are looked for.
+const RECONCILE_EVERY: Duration = Duration::from_secs(1);
+/// How often expired keys are deleted.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
+/// How long after its last attempt a payment the provider never saw is declared `failed`, on top
+/// of the provider timeout: a request may still be on its way to the provider.
+pub const NO_CHARGE_MARGIN: Duration = Duration::from_secs(2);
+/// Payments looked at per round.
+const BATCH: usize = 100;
+
+/// Starts the thread; it stops within ~50 ms of `stop` being set.
+pub fn spawn(app: Arc<App>, stop: Arc<AtomicBool>) -> Result<JoinHandle<()>, String> {
+    thread::Builder::new()
+        .name("housekeeping".into())
+        .spawn(move || {
+            let mut next_sweep = Instant::now();
+            while !stop.load(Ordering::SeqCst) {
+                reconcile(&app);
+                if Instant::now() >= next_sweep {
+                    sweep(&app);
+                    next_sweep = Instant::now() + SWEEP_EVERY;
+                }
+                let wake = Instant::now() + RECONCILE_EVERY;
+                while Instant::now() < wake && !stop.load(Ordering::SeqCst) {
+                    thread::sleep(Duration::from_millis(50));
+                }
+            }
+        })
+        .map_err(|e| format!("cannot start the housekeeping thread: {e}"))
+}
+
+fn stale_before_ms(app: &App, now: SystemTime) -> i64 {
+    db::unix_ms(now) - app.lock_ttl.as_millis() as i64
+}
+
+/// One round; returns how many payments it settled.
+pub fn reconcile(app: &App) -> usize {
+    if app.provider.breaker_state() == State::Open {
+        return 0;
+    }
+    let now = SystemTime::now();
+    let stale = stale_before_ms(app, now);
+    let found = match app
+        .db
+        .acquire(Duration::from_secs(1))
+        .map_err(|e| e.to_string())
+        .and_then(|c| idempotency::unsettled(&c, stale, BATCH).map_err(|e| e.to_string()))
+    {
+        Ok(found) => found,
+        Err(e) => {
+            log::warn!("reconciler: cannot read unsettled payments: {e}");
+            return 0;
+        }
+    };
+    found.iter().filter(|u| settle_one(app, u, stale)).count()
+}
+
+fn settle_one(app: &App, u: &Unsettled, stale: i64) -> bool {
+    let charges = match app
+        .provider
+        .lookup(&u.payment.id, app.config.provider_timeout)
+    {
+        Ok(c) => c,
+        Err(e) => {
+            log::debug!("reconciler: lookup of {} failed: {e}", u.payment.id);
+            return false;
+        }
+    };
+    let now = SystemTime::now();
+    let mut payment = u.payment.clone();
+    match charges.first() {
+        Some(charge) if charge.status == "succeeded" => {
+            payment.status = PaymentStatus::Succeeded;
+            payment.provider_charge_id = Some(charge.id.clone());
+            payment.failure_code = None;
+        }
+        Some(charge) => {
+            payment.status = PaymentStatus::Declined;
+            payment.provider_charge_id = Some(charge.id.clone());
+            payment.failure_code = Some("card_declined".into());
+        }
+        None => {
+            let last_attempt = humantime::parse_rfc3339(&payment.updated_at).unwrap_or(now);
+            let age = now.duration_since(last_attempt).unwrap_or_default();
+            if age < app.config.provider_timeout + NO_CHARGE_MARGIN {
+                return false;
+            }
+            payment.status = PaymentStatus::Failed;
+            payment.failure_code = Some("provider_no_charge".into());
+        }
+    }
+    payment.updated_at = db::timestamp(now);
+    let stored = payments::final_reply(&payment, "reconciler").map(|r| payments::to_stored(&r));
+    let written = app.db.writer(Duration::from_secs(1)).and_then(|mut w| {
+        w.transaction(app.config.write_timeout, |tx| {
+            idempotency::settle(tx, u, &payment, stored.as_ref(), stale, now)
+        })
+    });
+    match written {
+        Ok(true) => {
+            log::info!(
+                "reconciler: {} {} → {}",
+                payment.id,
+                u.payment.status.as_str(),
+                payment.status.as_str()
+            );
+            true
+        }
+        Ok(false) => false,
+        Err(e) => {
+            log::warn!("reconciler: cannot settle {}: {e}", payment.id);
+            false
+        }
+    }
+}
+
+fn sweep(app: &App) {
+    let cutoff = db::unix_ms(SystemTime::now()) - app.config.idempotency_ttl.as_millis() as i64;
+    let swept = app.db.writer(Duration::from_secs(1)).and_then(|mut w| {
+        w.transaction(app.config.write_timeout, |tx| {
+            idempotency::sweep(tx, cutoff)
+        })
+    });
+    match swept {
+        Ok(0) => {}
+        Ok(n) => log::info!("sweeper: deleted {n} idempotency keys older than the TTL"),
+        Err(e) => log::warn!("sweeper: {e}"),
+    }
+}
