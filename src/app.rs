@@ -34,6 +34,8 @@ pub struct App {
     pub lock_ttl: Duration,
     /// Set when shutdown begins: readiness fails from then on.
     pub draining: AtomicBool,
+    /// What the workers are doing, for the drain's report.
+    pub inflight: crate::shutdown::InFlight,
 }
 
 impl App {
@@ -115,6 +117,7 @@ pub fn run_serve(config: ServeConfig) -> Result<(), ServeError> {
         db,
         provider,
         draining: AtomicBool::new(false),
+        inflight: Default::default(),
         config,
     });
     let stop = crate::shutdown::install_signal_handlers().map_err(ServeError::Runtime)?;
@@ -129,7 +132,8 @@ pub fn run_serve(config: ServeConfig) -> Result<(), ServeError> {
         app.config.db.display(),
         provider_url
     );
-    let served = server::run(app.clone(), listener, stop);
+    // Runs until a signal, then performs steps 1–3 of the shutdown (src/shutdown.rs).
+    server::run(app.clone(), listener, stop).map_err(ServeError::Runtime)?;
     crate::shutdown::teardown(&app, &background_stop, housekeeping);
-    served.map_err(ServeError::Runtime)
+    Ok(())
 }

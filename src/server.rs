@@ -72,21 +72,20 @@ pub fn run(app: Arc<App>, listener: TcpListener, stop: Arc<AtomicBool>) -> Resul
     };
 
     let (tx, rx) = channel::bounded::<Job>(app.config.queue as usize);
-    let result = thread::scope(|scope| {
-        for i in 0..app.config.workers {
-            let rx = rx.clone();
-            let app = &app;
-            thread::Builder::new()
-                .name(format!("worker-{i}"))
-                .spawn_scoped(scope, move || worker(app, rx))
-                .map_err(|e| format!("cannot start worker {i}: {e}"))?;
-        }
-        drop(rx);
-        let outcome = dispatch(&app, &server, &control, &tx, &stop, &lanes);
-        // Closing the channel lets the workers finish what is queued, then return.
-        drop(tx);
-        outcome
-    });
+    let (done_tx, done_rx) = channel::bounded::<()>(app.config.workers as usize);
+    for i in 0..app.config.workers {
+        let (rx, app, done) = (rx.clone(), app.clone(), done_tx.clone());
+        thread::Builder::new()
+            .name(format!("worker-{i}"))
+            .spawn(move || {
+                worker(&app, rx);
+                let _ = done.send(());
+            })
+            .map_err(|e| format!("cannot start worker {i}: {e}"))?;
+    }
+    drop((rx, done_tx));
+
+    let result = dispatch(&app, &server, &control, tx, &done_rx, &stop, &lanes);
     background_stop.store(true, Ordering::SeqCst);
     let _ = keeper.join();
     let _ = prober.join();
@@ -104,29 +103,73 @@ struct Lanes<'a> {
 const PROBE_PATH: &str = "/__paytrace/accept-probe";
 const PROBE_HEADER: &str = "X-Paytrace-Probe";
 
+/// Takes requests from tiny_http and `try_send`s them to the workers, until a signal has been
+/// followed through shutdown steps 1–3 (src/shutdown.rs): readiness fails, after the delay the
+/// listener closes and the queue is closed, and the workers finish. It keeps answering while
+/// they do: whatever still arrives on connections accepted earlier gets 503 `shutting-down`.
 fn dispatch(
     app: &App,
     server: &tiny_http::Server,
     control: &TcpListener,
-    tx: &channel::Sender<Job>,
+    tx: channel::Sender<Job>,
+    workers_done: &Receiver<()>,
     stop: &AtomicBool,
     lanes: &Lanes,
 ) -> Result<(), String> {
-    let mut closing = false;
+    let mut tx = Some(tx);
+    // When the listener is to close (set at the signal), and when it did.
+    let mut close_at: Option<Instant> = None;
+    let mut closed_at: Option<Instant> = None;
+    let mut finished_before = 0;
+    let mut workers_left = app.config.workers;
     loop {
-        if !closing && lanes.accept_dead.load(Ordering::SeqCst) {
+        if closed_at.is_none() && lanes.accept_dead.load(Ordering::SeqCst) {
             return Err(
                 "the accept thread stopped (liveness probes are no longer answered); exiting rather than looking alive"
                     .into(),
             );
         }
-        if !closing && stop.load(Ordering::SeqCst) {
-            closing = true;
+        if close_at.is_none() && stop.load(Ordering::SeqCst) {
+            // Step 1: readiness fails at once.
             app.draining.store(true, Ordering::SeqCst);
-            log::info!("signal received: refusing new connections, draining");
-            // New connections are refused from now on; what tiny_http already queued still
-            // comes out of recv(), then it reports the accept thread's end.
+            close_at = Some(Instant::now() + app.config.shutdown_delay);
+            finished_before = app.inflight.finished();
+            log::info!(
+                "signal received: readiness fails now, the listener closes in {} ms",
+                app.config.shutdown_delay.as_millis()
+            );
+        }
+        if closed_at.is_none() && close_at.is_some_and(|t| Instant::now() >= t) {
+            // Step 2: new connections are refused from now on. Closing the queue lets the
+            // workers finish what it holds, then return (step 3).
             let _ = SockRef::from(control).shutdown(Shutdown::Both);
+            tx = None;
+            closed_at = Some(Instant::now());
+            log::info!("listener closed; draining");
+        }
+        if let Some(closed) = closed_at {
+            while workers_left > 0 && workers_done.try_recv().is_ok() {
+                workers_left -= 1;
+            }
+            if workers_left == 0 {
+                log::info!(
+                    "drained {} requests in {} ms; workers joined",
+                    app.inflight.finished() - finished_before,
+                    closed.elapsed().as_millis()
+                );
+                return Ok(());
+            }
+            if closed.elapsed() > app.config.drain_timeout() {
+                let unfinished = app.inflight.describe();
+                for line in &unfinished {
+                    log::error!("drain: unfinished: {line}");
+                }
+                return Err(format!(
+                    "the drain took longer than --drain-timeout {} ms; {} requests unfinished",
+                    app.config.drain_timeout().as_millis(),
+                    unfinished.len()
+                ));
+            }
         }
         match server.recv_timeout(POLL) {
             Ok(Some(request))
@@ -140,14 +183,28 @@ fn dispatch(
                     request,
                     received: app.clock.now(),
                 };
-                match tx.try_send(job) {
+                let Some(queue) = &tx else {
+                    refuse(app, job, ApiError::ShuttingDown);
+                    continue;
+                };
+                match queue.try_send(job) {
                     Ok(()) => {}
-                    Err(TrySendError::Full(job)) => shed(app, job),
-                    Err(TrySendError::Disconnected(job)) => shed(app, job),
+                    Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => refuse(
+                        app,
+                        job,
+                        ApiError::Overloaded {
+                            detail: format!(
+                                "all {} workers are busy and the queue of {} is full; retry shortly",
+                                app.config.workers, app.config.queue
+                            ),
+                            retry_after_s: 1,
+                        },
+                    ),
                 }
             }
             Ok(None) => {}
-            Err(_) if closing => return Ok(()),
+            // The accept thread's end, expected once the listener is closed.
+            Err(_) if closed_at.is_some() => {}
             Err(e) => {
                 return Err(format!(
                     "the accept thread stopped ({e}); exiting rather than looking alive"
@@ -228,17 +285,11 @@ fn probe(addr: std::net::SocketAddr, token: &str, wait: Duration) -> bool {
     s.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.1 204")
 }
 
-/// The queue is full: 503 at once, from the dispatcher, without touching a worker.
-fn shed(app: &App, job: Job) {
+/// Answers from the dispatcher, without touching a worker: 503 `overloaded` when the queue is
+/// full, 503 `shutting-down` after the listener closed.
+fn refuse(app: &App, job: Job, error: ApiError) {
     let ctx = Ctx::new(&job.request, job.received, app.config.request_timeout);
-    let reply = ApiError::Overloaded {
-        detail: format!(
-            "all {} workers are busy and the queue of {} is full; retry shortly",
-            app.config.workers, app.config.queue
-        ),
-        retry_after_s: 1,
-    }
-    .into_reply(&ctx.request_id);
+    let reply = error.into_reply(&ctx.request_id);
     finish_and_send(app, &ctx, job.request, reply);
 }
 
@@ -256,6 +307,7 @@ fn handle(app: &App, job: Job) {
     } = job;
     // request id → access log: the context is created first and logged last, whatever happens.
     let mut ctx = Ctx::new(&request, received, app.config.request_timeout);
+    let _running = app.inflight.enter(&ctx.request_id, &ctx.method, &ctx.path);
     let reply = guarded(&ctx.request_id.clone(), || {
         route(app, &mut ctx, &mut request)
     });

@@ -1,15 +1,28 @@
 //! Unit 07, graceful shutdown: the request path read in reverse.
 //!
-//! A signal sets a flag; the dispatcher sees it, marks the app draining (readiness fails),
-//! closes the listener (new connections are refused), hands out what tiny_http had already
-//! queued, closes the worker channel and joins the workers once they finished every queued and
-//! in-flight request; last, the pool's WAL is checkpointed. A second signal exits at once
-//! with status 1.
+//! A request meets the units in this order: the listener (01), the queue and a worker (03), the
+//! middleware (02), the pool (04), the provider (06), the idempotency table (05). Shutdown
+//! undoes them the other way round, each step only once nothing above it can still need what
+//! it takes away:
+//!
+//! 1. **Readiness fails** at once (`/readyz` → 503): load balancers stop sending new work.
+//! 2. After `--shutdown-delay`, **the listener closes**: new connections are refused. Requests
+//!    still arriving on connections accepted earlier get 503 `shutting-down`.
+//! 3. **The queue drains and the workers finish** their in-flight requests normally (every
+//!    response carries `Connection: close`); then they are joined. If that takes longer than
+//!    `--drain-timeout`, the unfinished requests are logged and the process exits 1 — their
+//!    payments are recovered like after a crash, by idempotency and the reconciler.
+//! 4. **Background threads stop**: the reconciler and sweeper use the pool, so they go first.
+//! 5. **The pool closes last**, after a WAL checkpoint: nothing is left that could borrow it.
+//!
+//! A second signal during any of this exits at once with status 1.
 
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::app::App;
 
@@ -18,6 +31,8 @@ use crate::app::App;
 pub fn install_signal_handlers() -> Result<Arc<AtomicBool>, String> {
     let term = Arc::new(AtomicBool::new(false));
     for sig in signal_hook::consts::TERM_SIGNALS {
+        // Order matters: the conditional exit is checked before the flag is set, so only a
+        // second signal finds it set.
         signal_hook::flag::register_conditional_shutdown(*sig, 1, term.clone())
             .map_err(|e| format!("cannot register signal {sig}: {e}"))?;
         signal_hook::flag::register(*sig, term.clone())
@@ -26,15 +41,91 @@ pub fn install_signal_handlers() -> Result<Arc<AtomicBool>, String> {
     Ok(term)
 }
 
-/// After the workers are joined (nothing can start a request any more): stop the background
-/// threads that use the pool, then — last — checkpoint the WAL and let the pool close.
+/// The requests being worked on right now, so a drain that runs out of time can say which.
+#[derive(Default)]
+pub struct InFlight {
+    running: Mutex<HashMap<u64, Running>>,
+    next: AtomicU64,
+    /// Requests finished since start (the drain summary counts the difference).
+    finished: AtomicU64,
+}
+
+struct Running {
+    request_id: String,
+    method: String,
+    path: String,
+    started: Instant,
+}
+
+/// Held by a worker while it handles one request.
+pub struct Ticket<'a> {
+    registry: &'a InFlight,
+    id: u64,
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        self.registry.lock().remove(&self.id);
+        self.registry.finished.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl InFlight {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Running>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn enter(&self, request_id: &str, method: &str, path: &str) -> Ticket<'_> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.lock().insert(
+            id,
+            Running {
+                request_id: request_id.to_string(),
+                method: method.to_string(),
+                path: path.to_string(),
+                started: Instant::now(),
+            },
+        );
+        Ticket { registry: self, id }
+    }
+
+    pub fn finished(&self) -> u64 {
+        self.finished.load(Ordering::Relaxed)
+    }
+
+    /// One line per unfinished request: id, method, path, how long it has run.
+    pub fn describe(&self) -> Vec<String> {
+        let mut lines: Vec<(Duration, String)> = self
+            .lock()
+            .values()
+            .map(|r| {
+                let age = r.started.elapsed();
+                (
+                    age,
+                    format!(
+                        "{} {} {} (running {} ms)",
+                        r.request_id,
+                        r.method,
+                        r.path,
+                        age.as_millis()
+                    ),
+                )
+            })
+            .collect();
+        lines.sort_by(|a, b| b.0.cmp(&a.0));
+        lines.into_iter().map(|(_, l)| l).collect()
+    }
+}
+
+/// Steps 4 and 5, once the workers are joined: stop the background threads that use the pool,
+/// then checkpoint the WAL; the pool closes when the last `App` reference goes.
 pub fn teardown(app: &App, background_stop: &AtomicBool, housekeeping: JoinHandle<()>) {
     background_stop.store(true, Ordering::SeqCst);
     if housekeeping.join().is_err() {
         log::error!("the housekeeping thread panicked");
     }
     match app.db.checkpoint(Duration::from_secs(2)) {
-        Ok(()) => log::info!("WAL checkpointed; shutdown complete"),
+        Ok(()) => log::info!("WAL checkpointed; the pool is closed last"),
         Err(e) => log::warn!("WAL checkpoint at shutdown failed: {e}"),
     }
 }

@@ -10,4 +10,5 @@ mod idempotency;
 mod middleware;
 mod payments;
 mod provider_faults;
+mod shutdown;
 mod slow_clients;

@@ -1,0 +1,196 @@
+//! Graceful shutdown: readiness, the listener, the drain, the pool last.
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::helpers::*;
+
+/// A payment from a client that says `Connection: close`, as nginx does upstream: tiny_http
+/// then frees the connection's thread as soon as the request is parsed, so a burst of slow
+/// payments cannot queue one connection behind another (see the README's limits).
+fn pay_in_background(url: &str, key: &str, start: &Arc<Barrier>) -> thread::JoinHandle<Resp> {
+    let (url, key, start) = (url.to_string(), key.to_string(), start.clone());
+    thread::spawn(move || {
+        start.wait();
+        pay_with(&url, &key, &body(100), &[("Connection", "close")])
+    })
+}
+
+#[test]
+fn sigterm_drains_in_flight_payments_refuses_new_connections_and_checkpoints() {
+    let _serial = exclusive();
+    let provider = provider(&["--latency", "1s"]);
+    let mut serve = Serve::start(&[
+        "--provider-url",
+        &provider.url,
+        "--provider-timeout",
+        "2s",
+        "--request-timeout",
+        "4s",
+    ]);
+    let start = Arc::new(Barrier::new(11));
+    let inflight: Vec<_> = (0..10)
+        .map(|i| pay_in_background(serve.url(), &format!("d-{i}"), &start))
+        .collect();
+    start.wait();
+    eventually(
+        Duration::from_secs(5),
+        "10 calls are inside the provider",
+        || (provider_stats(&provider.url)["requests"].as_u64() == Some(10)).then_some(()),
+    );
+    // A connection opened before the signal, used only after it.
+    let mut early = TcpStream::connect(serve.proc.addr).unwrap();
+    early
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let t = Instant::now();
+    serve.proc.signal("TERM");
+    serve
+        .proc
+        .wait_for_log("listener closed", Duration::from_secs(2));
+    assert!(
+        TcpStream::connect(serve.proc.addr).is_err(),
+        "a new connection after the signal is refused"
+    );
+    early
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let (status, text) = read_response(&mut early);
+    assert_eq!(status, 503, "{text}");
+    assert!(
+        text.contains("shutting-down") && text.contains("Connection: close"),
+        "{text}"
+    );
+    for h in inflight {
+        let r = h.join().unwrap();
+        assert_eq!(r.status, 201, "{}", r.body);
+        assert!(
+            r.header("Connection")
+                .is_none_or(|v| v.eq_ignore_ascii_case("close"))
+        );
+    }
+    assert_eq!(
+        serve.proc.wait_exit(Duration::from_secs(6)),
+        Some(0),
+        "{}",
+        serve.proc.log_text()
+    );
+    assert!(t.elapsed() < Duration::from_secs(6), "{:?}", t.elapsed());
+    let log = serve.proc.log_text();
+    assert!(log.contains("drained 10 requests"), "{log}");
+    assert!(log.contains("WAL checkpointed"), "{log}");
+    let wal = serve.dir.path().join("paytrace.db-wal");
+    assert!(
+        std::fs::metadata(&wal)
+            .map(|m| m.len() == 0)
+            .unwrap_or(true),
+        "the WAL is checkpointed"
+    );
+    let db = serve.db();
+    let ok: String = db
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(ok, "ok");
+    assert_eq!(
+        serve
+            .rows()
+            .iter()
+            .filter(|(_, s)| s == "succeeded")
+            .count(),
+        10
+    );
+}
+
+#[test]
+fn during_the_shutdown_delay_readiness_fails_while_payments_still_succeed() {
+    let mut serve = Serve::start(&["--shutdown-delay", "1500ms"]);
+    let ready = get(&format!("{}/readyz", serve.url()));
+    assert_eq!(ready.status, 200);
+    serve.proc.signal("TERM");
+    eventually(Duration::from_secs(1), "readiness fails", || {
+        (get(&format!("{}/readyz", serve.url())).status == 503).then_some(())
+    });
+    let r = pay(serve.url(), "during-delay", &body(100));
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(
+        serve.proc.wait_exit(Duration::from_secs(8)),
+        Some(0),
+        "{}",
+        serve.proc.log_text()
+    );
+}
+
+#[test]
+fn a_second_signal_during_the_drain_exits_1_at_once() {
+    let provider = provider(&["--latency", "3s"]);
+    let mut serve = Serve::start(&[
+        "--provider-url",
+        &provider.url,
+        "--provider-timeout",
+        "2500ms",
+        "--request-timeout",
+        "4s",
+    ]);
+    let start = Arc::new(Barrier::new(2));
+    let slow = pay_in_background(serve.url(), "slow-1", &start);
+    start.wait();
+    eventually(
+        Duration::from_secs(5),
+        "the call is inside the provider",
+        || (provider_stats(&provider.url)["requests"].as_u64() == Some(1)).then_some(()),
+    );
+    serve.proc.signal("TERM");
+    serve
+        .proc
+        .wait_for_log("listener closed", Duration::from_secs(2));
+    let t = Instant::now();
+    serve.proc.signal("TERM");
+    assert_eq!(serve.proc.wait_exit(Duration::from_secs(2)), Some(1));
+    assert!(
+        t.elapsed() < Duration::from_millis(1000),
+        "{:?}",
+        t.elapsed()
+    );
+    drop(slow);
+}
+
+#[test]
+fn a_drain_longer_than_the_drain_timeout_exits_1_naming_the_unfinished_requests() {
+    let provider = provider(&["--latency", "3s"]);
+    let mut serve = Serve::start(&[
+        "--provider-url",
+        &provider.url,
+        "--provider-timeout",
+        "2500ms",
+        "--request-timeout",
+        "4s",
+        "--drain-timeout",
+        "300ms",
+    ]);
+    let url = serve.url().to_string();
+    let slow = thread::spawn(move || {
+        agent()
+            .post(format!("{url}/payments"))
+            .header("Authorization", format!("Bearer {KEY}"))
+            .header("Idempotency-Key", "slow-2")
+            .header("X-Request-Id", "drain-me-please")
+            .header("Content-Type", "application/json")
+            .send(body(100).as_bytes())
+    });
+    eventually(
+        Duration::from_secs(5),
+        "the call is inside the provider",
+        || (provider_stats(&provider.url)["requests"].as_u64() == Some(1)).then_some(()),
+    );
+    serve.proc.signal("TERM");
+    assert_eq!(serve.proc.wait_exit(Duration::from_secs(3)), Some(1));
+    let log = serve.proc.log_text();
+    assert!(
+        log.contains("unfinished: drain-me-please POST /payments"),
+        "{log}"
+    );
+    drop(slow);
+}
