@@ -8,6 +8,7 @@ mod budget;
 mod guards;
 mod idempotency;
 mod middleware;
+mod nginx;
 mod payments;
 mod provider_faults;
 mod shutdown;

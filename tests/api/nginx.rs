@@ -1,0 +1,190 @@
+//! The production front: the shipped `data/nginx/paytrace.conf`, run by a real nginx on free
+//! ports in front of the real binary.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::helpers::*;
+
+struct Nginx {
+    child: Child,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Nginx {
+    /// The shipped config with its listen port and upstream servers replaced.
+    fn start(upstreams: &[SocketAddr]) -> Nginx {
+        let shipped = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/data/nginx/paytrace.conf"
+        ))
+        .unwrap();
+        let port = dead_addr().port();
+        let servers: String = upstreams
+            .iter()
+            .map(|a| format!("server {a} max_fails=0;\n        "))
+            .collect();
+        let conf = shipped
+            .replace(
+                "listen 127.0.0.1:8000;",
+                &format!("listen 127.0.0.1:{port};"),
+            )
+            .replace("server 127.0.0.1:8080 max_fails=0;\n        ", &servers);
+        assert!(
+            conf.contains(&format!(":{port}")) && !conf.contains("server 127.0.0.1:8080"),
+            "the config's shape changed"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        for sub in ["logs", "temp"] {
+            std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+        }
+        let conf_path = dir.path().join("nginx.conf");
+        std::fs::write(&conf_path, conf).unwrap();
+        let child = Command::new("nginx")
+            .arg("-p")
+            .arg(dir.path())
+            .arg("-c")
+            .arg(&conf_path)
+            // One foreground process that does not switch users: fine for a test.
+            .args(["-g", "daemon off; master_process off;"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nginx is installed (.ci/run installs it)");
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        eventually(Duration::from_secs(10), "nginx listens", || {
+            TcpStream::connect(addr).ok()
+        });
+        Nginx {
+            child,
+            addr,
+            _dir: dir,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+#[test]
+fn a_payment_succeeds_through_nginx_with_the_request_id_passed_through() {
+    let serve = Serve::start(&[]);
+    let nginx = Nginx::start(&[serve.proc.addr]);
+    let r = pay_with(
+        &nginx.url(),
+        "via-nginx",
+        &body(100),
+        &[("X-Request-Id", "trace-via-nginx")],
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.header("X-Request-Id"), Some("trace-via-nginx"));
+    assert_eq!(r.body["status"], "succeeded");
+    let again = pay(&nginx.url(), "via-nginx", &body(100));
+    assert_eq!(again.header("Idempotent-Replayed"), Some("true"));
+}
+
+#[test]
+fn an_absurd_content_length_gets_413_from_nginx_and_paytrace_stays_up() {
+    let serve = Serve::start(&[]);
+    let nginx = Nginx::start(&[serve.proc.addr]);
+    let request = format!(
+        "POST /payments HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nIdempotency-Key: huge\r\n\
+         Content-Type: application/json\r\nContent-Length: 9000000000000000000\r\n\r\n"
+    );
+    let (status, text) = raw(nginx.addr, request.as_bytes(), Duration::from_secs(10));
+    assert_eq!(status, 413, "{text}");
+    assert!(
+        !serve.proc.log_text().contains("POST /payments"),
+        "paytrace never saw it"
+    );
+    assert_eq!(pay(&nginx.url(), "after-huge", &body(100)).status, 201);
+}
+
+#[test]
+fn a_client_sending_its_headers_a_byte_a_second_is_cut_off_by_nginx() {
+    let serve = Serve::start(&[]);
+    let nginx = Nginx::start(&[serve.proc.addr]);
+    let mut s = TcpStream::connect(nginx.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(1000)))
+        .unwrap();
+    let request =
+        b"POST /payments HTTP/1.1\r\nHost: slow\r\nX-Padding: aaaaaaaaaaaaaaaaaaaaaaaa\r\n";
+    let t = Instant::now();
+    let mut closed_after = None;
+    for byte in request.iter() {
+        // Pacing the client, one byte a second; each read waits up to a second for nginx.
+        if s.write_all(&[*byte]).is_err() {
+            closed_after = Some(t.elapsed());
+            break;
+        }
+        let mut buf = [0u8; 512];
+        match s.read(&mut buf) {
+            Ok(_) => {
+                // 0 bytes: closed; anything else is nginx's 408 before it closes.
+                closed_after = Some(t.elapsed());
+                break;
+            }
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => {
+                closed_after = Some(t.elapsed());
+                break;
+            }
+        }
+    }
+    let closed_after =
+        closed_after.expect("nginx closed the slow connection before the headers ended");
+    assert!(
+        closed_after >= Duration::from_secs(4) && closed_after < Duration::from_secs(9),
+        "closed after {closed_after:?}; client_header_timeout is 5s"
+    );
+    assert!(
+        !serve.proc.log_text().contains("POST /payments"),
+        "paytrace never saw it"
+    );
+}
+
+#[test]
+fn a_post_that_fails_upstream_is_not_retried_on_another() {
+    let serve = Serve::start(&[]);
+    // An upstream that accepts and hangs up at once, first in the rotation.
+    let broken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let broken_addr = broken.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let seen = accepted.clone();
+    thread::spawn(move || {
+        for conn in broken.incoming() {
+            seen.fetch_add(1, Ordering::SeqCst);
+            drop(conn);
+        }
+    });
+    let nginx = Nginx::start(&[broken_addr, serve.proc.addr]);
+    let r = pay(&nginx.url(), "no-retry", &body(100));
+    assert_eq!(
+        r.status, 502,
+        "nginx answers the failure itself: {:?}",
+        r.body
+    );
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    assert!(
+        !serve.proc.log_text().contains("POST /payments"),
+        "not retried on paytrace"
+    );
+    assert_eq!(provider_stats(&serve.provider_url)["requests"], 0);
+}
