@@ -10,6 +10,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::{ProviderConfig, ServeConfig};
 use crate::db::Db;
 use crate::deadline::{Exhausted, Op, Timeouts};
+use crate::metrics::Metrics;
 use crate::middleware::{ApiKeys, Ctx};
 use crate::provider::client::ProviderClient;
 use crate::provider::sim;
@@ -36,6 +37,8 @@ pub struct App {
     pub draining: AtomicBool,
     /// What the workers are doing, for the drain's report.
     pub inflight: crate::shutdown::InFlight,
+    /// The Prometheus registry.
+    pub metrics: Arc<Metrics>,
 }
 
 impl App {
@@ -92,12 +95,17 @@ pub fn run_serve(config: ServeConfig) -> Result<(), ServeError> {
         }
     };
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let metrics = Arc::new(
+        Metrics::new()
+            .map_err(|e| ServeError::Runtime(format!("cannot build the metrics registry: {e}")))?,
+    );
     let provider = ProviderClient::new(
         &provider_url,
         config.workers as usize,
         (config.provider_timeout / 2).max(Duration::from_millis(1)),
         config.breaker(),
         clock.clone(),
+        metrics.clone(),
     );
     let listener = TcpListener::bind(config.addr)
         .map_err(|e| ServeError::Runtime(format!("cannot bind {}: {e}", config.addr)))?;
@@ -118,6 +126,7 @@ pub fn run_serve(config: ServeConfig) -> Result<(), ServeError> {
         provider,
         draining: AtomicBool::new(false),
         inflight: Default::default(),
+        metrics,
         config,
     });
     let stop = crate::shutdown::install_signal_handlers().map_err(ServeError::Runtime)?;

@@ -26,6 +26,8 @@ pub mod error;
 pub mod http;
 pub mod idempotency;
 pub mod ids;
+pub mod load;
+pub mod metrics;
 pub mod middleware;
 pub mod payments;
 pub mod provider;

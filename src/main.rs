@@ -23,6 +23,8 @@ enum Command {
     Serve(Box<ServeConfig>),
     /// Run the simulated payment provider.
     Provider(ProviderConfig),
+    /// Send load to a running server and summarize what came back.
+    Load(Box<paytrace::load::LoadConfig>),
 }
 
 fn main() -> ExitCode {
@@ -39,6 +41,16 @@ fn main() -> ExitCode {
                 Err(paytrace::app::ServeError::Runtime(reason)) => {
                     log::error!("{reason}");
                     ExitCode::from(1)
+                }
+            }
+        }
+        Command::Load(config) => {
+            init_logging(LogFormat::Text);
+            match paytrace::load::run(*config) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(reason) => {
+                    eprintln!("paytrace load: {reason}");
+                    ExitCode::from(2)
                 }
             }
         }

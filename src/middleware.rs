@@ -51,6 +51,8 @@ pub struct Ctx {
     pub rate: Option<Decision>,
     /// The timeout the provider call was given (its slice of the budget).
     pub provider_slice: Option<Duration>,
+    /// Why the request was refused to protect the server, if it was (`requests_shed_total`).
+    pub shed: Option<&'static str>,
 }
 
 impl Ctx {
@@ -73,6 +75,7 @@ impl Ctx {
             body_consumed: false,
             rate: None,
             provider_slice: None,
+            shed: None,
         };
         ctx.add(Step::Queue, started.saturating_duration_since(received));
         ctx
@@ -162,6 +165,7 @@ pub fn rate_limit(limiter: &RateLimiter, now: Instant, ctx: &mut Ctx) -> Result<
     if decision.allowed {
         Ok(())
     } else {
+        ctx.shed = Some("rate_limited");
         Err(ApiError::RateLimited {
             retry_after_s: decision.retry_after_s,
         })

@@ -85,6 +85,9 @@ pub fn create(app: &App, ctx: &mut Ctx, request: &mut Request) -> Result<Reply, 
         })),
         Err(_) => None,
     };
+    if matches!(outcome, Some(ChargeOutcome::Rejected { .. })) {
+        ctx.shed = Some("breaker_open");
+    }
     let (stored, result) = settle(&mut payment, outcome, &ctx.request_id);
 
     // 3. Persist: the final status, and the response to replay when the outcome is final.
@@ -97,6 +100,12 @@ pub fn create(app: &App, ctx: &mut Ctx, request: &mut Request) -> Result<Reply, 
         })
         .map_err(|e| db_error(e, Step::Persist, Some(&payment)))
     });
+    if persisted.is_ok() {
+        app.metrics
+            .payments
+            .with_label_values(&[payment.status.as_str()])
+            .inc();
+    }
     if let Err(e) = persisted {
         // The outcome could not be recorded: the key stays locked until its lock goes stale,
         // and a retry then resumes the same payment (the provider deduplicates the charge).
@@ -337,7 +346,7 @@ fn acquire(app: &App, ctx: &mut Ctx, op: Op) -> Result<db::Conn, ApiError> {
     let t = Instant::now();
     let conn = app.db.acquire(timeout);
     ctx.add(Step::Acquire, t.elapsed());
-    conn.map_err(|e| overloaded(app, e, timeout))
+    conn.map_err(|e| overloaded(app, ctx, e, timeout))
 }
 
 /// Takes the write token and a pooled connection within the slice `op` may take.
@@ -346,20 +355,24 @@ fn acquire_writer(app: &App, ctx: &mut Ctx, op: Op) -> Result<db::Writer, ApiErr
     let t = Instant::now();
     let writer = app.db.writer(timeout);
     ctx.add(Step::Acquire, t.elapsed());
-    writer.map_err(|e| overloaded(app, e, timeout))
+    writer.map_err(|e| overloaded(app, ctx, e, timeout))
 }
 
 /// A timed-out acquisition is 503 `overloaded`: nothing was done, the client may retry.
-fn overloaded(app: &App, e: DbError, timeout: std::time::Duration) -> ApiError {
+fn overloaded(app: &App, ctx: &mut Ctx, e: DbError, timeout: std::time::Duration) -> ApiError {
     match e {
-        DbError::AcquireTimeout => ApiError::Overloaded {
-            detail: format!(
-                "the database did not become available within {} ms (pool size {}); retry shortly",
-                timeout.as_millis(),
-                app.config.pool_size
-            ),
-            retry_after_s: 1,
-        },
+        DbError::AcquireTimeout => {
+            app.metrics.acquire_timeouts.inc();
+            ctx.shed = Some("pool_timeout");
+            ApiError::Overloaded {
+                detail: format!(
+                    "the database did not become available within {} ms (pool size {}); retry shortly",
+                    timeout.as_millis(),
+                    app.config.pool_size
+                ),
+                retry_after_s: 1,
+            }
+        }
         other => ApiError::Internal(other.to_string()),
     }
 }

@@ -119,6 +119,10 @@ fn settle_one(app: &App, u: &Unsettled, stale: i64) -> bool {
     });
     match written {
         Ok(true) => {
+            app.metrics
+                .payments
+                .with_label_values(&[payment.status.as_str()])
+                .inc();
             log::info!(
                 "reconciler: {} {} → {}",
                 payment.id,

@@ -184,7 +184,7 @@ fn dispatch(
                     received: app.clock.now(),
                 };
                 let Some(queue) = &tx else {
-                    refuse(app, job, ApiError::ShuttingDown);
+                    refuse(app, job, ApiError::ShuttingDown, "shutting_down");
                     continue;
                 };
                 match queue.try_send(job) {
@@ -199,8 +199,10 @@ fn dispatch(
                             ),
                             retry_after_s: 1,
                         },
+                        "queue_full",
                     ),
                 }
+                app.metrics.queue_depth.set(queue.len() as i64);
             }
             Ok(None) => {}
             // The accept thread's end, expected once the listener is closed.
@@ -287,15 +289,19 @@ fn probe(addr: std::net::SocketAddr, token: &str, wait: Duration) -> bool {
 
 /// Answers from the dispatcher, without touching a worker: 503 `overloaded` when the queue is
 /// full, 503 `shutting-down` after the listener closed.
-fn refuse(app: &App, job: Job, error: ApiError) {
-    let ctx = Ctx::new(&job.request, job.received, app.config.request_timeout);
+fn refuse(app: &App, job: Job, error: ApiError, reason: &'static str) {
+    let mut ctx = Ctx::new(&job.request, job.received, app.config.request_timeout);
+    ctx.shed = Some(reason);
     let reply = error.into_reply(&ctx.request_id);
     finish_and_send(app, &ctx, job.request, reply);
 }
 
 fn worker(app: &App, rx: Receiver<Job>) {
     for job in rx.iter() {
+        app.metrics.queue_depth.set(rx.len() as i64);
+        app.metrics.workers_busy.inc();
         handle(app, job);
+        app.metrics.workers_busy.dec();
     }
 }
 
@@ -340,7 +346,10 @@ fn route(app: &App, ctx: &mut Ctx, request: &mut Request) -> Result<Reply, ApiEr
     match path.as_str() {
         "/healthz" if is_get => Ok(Reply::json(200, &json!({"status": "ok"}))),
         "/readyz" if is_get => Ok(readiness(app)),
-        "/healthz" | "/readyz" => Err(ApiError::MethodNotAllowed { allow: "GET, HEAD" }),
+        "/metrics" if is_get => Ok(metrics(app)),
+        "/healthz" | "/readyz" | "/metrics" => {
+            Err(ApiError::MethodNotAllowed { allow: "GET, HEAD" })
+        }
         "/payments" => {
             if !matches!(method, Method::Post) && !is_get {
                 return Err(ApiError::MethodNotAllowed { allow: "GET, POST" });
@@ -363,6 +372,22 @@ fn route(app: &App, ctx: &mut Ctx, request: &mut Request) -> Result<Reply, ApiEr
             _ => Err(ApiError::NotFound),
         },
     }
+}
+
+/// `GET /metrics`: the gauges that mirror state are read now, then everything is rendered.
+fn metrics(app: &App) -> Reply {
+    let m = &app.metrics;
+    let (open, idle) = app.db.state();
+    m.pool_connections
+        .with_label_values(&["idle"])
+        .set(i64::from(idle));
+    m.pool_connections
+        .with_label_values(&["in_use"])
+        .set(i64::from(open.saturating_sub(idle)));
+    m.breaker_state
+        .set(i64::from(app.provider.breaker_state().as_number()));
+    m.draining.set(i64::from(app.is_draining()));
+    Reply::text(200, "text/plain; version=0.0.4; charset=utf-8", m.render())
 }
 
 fn readiness(app: &App) -> Reply {
@@ -388,6 +413,7 @@ fn finish_and_send(app: &App, ctx: &Ctx, request: Request, mut reply: Reply) {
             .header("RateLimit", RateLimiter::state_header(decision));
     }
     let status = reply.status;
+    record_metrics(app, ctx, status, total);
     if let Err(e) = http::send(request, &reply, ctx.body_consumed) {
         log::debug!("{}: writing the response failed: {e}", ctx.request_id);
     }
@@ -398,6 +424,43 @@ fn finish_and_send(app: &App, ctx: &Ctx, request: Request, mut reply: Reply) {
         total,
         app.provider.breaker_state(),
     );
+}
+
+/// The route label: method and path template.
+fn route_label(ctx: &Ctx) -> &'static str {
+    match (ctx.method.as_str(), ctx.path.as_str()) {
+        ("POST", "/payments") => "POST /payments",
+        ("GET" | "HEAD", "/payments") => "GET /payments",
+        ("GET" | "HEAD", p) if p.starts_with("/payments/") => "GET /payments/{id}",
+        ("GET" | "HEAD", "/healthz") => "GET /healthz",
+        ("GET" | "HEAD", "/readyz") => "GET /readyz",
+        ("GET" | "HEAD", "/metrics") => "GET /metrics",
+        _ => "other",
+    }
+}
+
+fn record_metrics(app: &App, ctx: &Ctx, status: u16, total: Duration) {
+    let m = &app.metrics;
+    let route = route_label(ctx);
+    m.http_requests
+        .with_label_values(&[route, &status.to_string()])
+        .inc();
+    m.http_duration
+        .with_label_values(&[route])
+        .observe(total.as_secs_f64());
+    if route == "POST /payments" && ctx.shed.is_none() {
+        for step in Step::ALL {
+            m.step_duration
+                .with_label_values(&[step.name()])
+                .observe(ctx.timing(step).as_secs_f64());
+        }
+    }
+    if let Some(outcome) = ctx.idempotency {
+        m.idempotency.with_label_values(&[outcome]).inc();
+    }
+    if let Some(reason) = ctx.shed {
+        m.shed.with_label_values(&[reason]).inc();
+    }
 }
 
 fn ms(d: Duration) -> f64 {

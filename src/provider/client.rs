@@ -14,6 +14,7 @@ use serde_json::json;
 
 use crate::breaker::{Breaker, BreakerConfig, Outcome, State, Transition};
 use crate::clock::Clock;
+use crate::metrics::Metrics;
 
 /// What one charge attempt came to.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -65,6 +66,7 @@ pub struct ProviderClient {
     connect_timeout: Duration,
     breaker: Breaker,
     clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
 }
 
 impl ProviderClient {
@@ -76,6 +78,7 @@ impl ProviderClient {
         connect_timeout: Duration,
         breaker: BreakerConfig,
         clock: Arc<dyn Clock>,
+        metrics: Arc<Metrics>,
     ) -> ProviderClient {
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
@@ -91,6 +94,7 @@ impl ProviderClient {
             connect_timeout,
             breaker: Breaker::new(breaker, clock.now()),
             clock,
+            metrics,
         }
     }
 
@@ -110,10 +114,13 @@ impl ProviderClient {
     ) -> ChargeOutcome {
         let started = self.clock.now();
         let (permit, transition) = self.breaker.try_acquire(started);
-        log_transition(transition);
+        self.log_transition(transition);
         let permit = match permit {
             Ok(p) => p,
             Err(rejected) => {
+                self.count(&ChargeOutcome::Rejected {
+                    retry_after: rejected.retry_after,
+                });
                 return ChargeOutcome::Rejected {
                     retry_after: rejected.retry_after,
                 };
@@ -125,8 +132,34 @@ impl ProviderClient {
             _ => Outcome::Failure,
         };
         let now = self.clock.now();
-        log_transition(self.breaker.record(permit, counted, now - started, now));
+        self.log_transition(self.breaker.record(permit, counted, now - started, now));
+        self.count(&outcome);
         outcome
+    }
+
+    fn count(&self, outcome: &ChargeOutcome) {
+        let label = match outcome {
+            ChargeOutcome::Charged { .. } => "charged",
+            ChargeOutcome::Declined { .. } => "declined",
+            ChargeOutcome::Ambiguous { .. } => "ambiguous",
+            ChargeOutcome::Timeout => "timeout",
+            ChargeOutcome::Unreachable { .. } => "unreachable",
+            ChargeOutcome::Rejected { .. } => "rejected",
+        };
+        self.metrics
+            .provider_calls
+            .with_label_values(&[label])
+            .inc();
+    }
+
+    fn log_transition(&self, t: Option<Transition>) {
+        if let Some(t) = t {
+            log::warn!("breaker {} → {}: {}", t.from.name(), t.to.name(), t.reason);
+            self.metrics
+                .breaker_transitions
+                .with_label_values(&[t.to.name()])
+                .inc();
+        }
     }
 
     pub fn base_url(&self) -> &str {
@@ -211,12 +244,6 @@ impl ProviderClient {
             .read_json::<ChargeList>()
             .map(|l| l.data)
             .map_err(|e| e.to_string())
-    }
-}
-
-fn log_transition(t: Option<Transition>) {
-    if let Some(t) = t {
-        log::warn!("breaker {} → {}: {}", t.from.name(), t.to.name(), t.reason);
     }
 }
 

@@ -1,0 +1,424 @@
+//! `paytrace load`: a load generator a course can use without other tools. A client only: it
+//! imports nothing of the server and speaks plain HTTP.
+//!
+//! Closed loop (`--concurrency` threads, each sending as soon as its last answer came) or open
+//! loop (`--rate`: request *i* is due at start + i/rate, and its latency is measured from that
+//! intended time, so a stalled server cannot hide its stalls by slowing the client down —
+//! coordinated omission).
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use hdrhistogram::Histogram;
+use rand::Rng;
+use serde_json::{Value, json};
+
+#[derive(Args, Clone, Debug)]
+pub struct LoadConfig {
+    /// The server's base URL.
+    #[arg(long, env = "PAYTRACE_URL", default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// Bearer key to send.
+    #[arg(
+        long = "api-key",
+        env = "PAYTRACE_API_KEY",
+        default_value = "sk_test_paytrace"
+    )]
+    pub api_key: String,
+    /// Threads sending at once (closed loop), or at most in flight (open loop).
+    #[arg(long, env = "PAYTRACE_CONCURRENCY", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub concurrency: u32,
+    /// How long to run, e.g. 10s (default 10s unless --requests is given).
+    #[arg(long, env = "PAYTRACE_DURATION", value_parser = humantime::parse_duration)]
+    pub duration: Option<Duration>,
+    /// How many requests to send in all.
+    #[arg(long, env = "PAYTRACE_REQUESTS")]
+    pub requests: Option<u64>,
+    /// Open loop: requests per second, sent on schedule whatever the answers.
+    #[arg(long, env = "PAYTRACE_RATE")]
+    pub rate: Option<f64>,
+    /// Share of requests that repeat an earlier key with the same body (replays), 0..=1.
+    #[arg(
+        long = "replay-fraction",
+        env = "PAYTRACE_REPLAY_FRACTION",
+        default_value_t = 0.0
+    )]
+    pub replay_fraction: f64,
+    /// The path to load: /payments is POSTed with a fresh Idempotency-Key; any other is a GET.
+    #[arg(long, env = "PAYTRACE_PATH", default_value = "/payments")]
+    pub path: String,
+    /// Client timeout of one request.
+    #[arg(long, env = "PAYTRACE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    /// Print the summary as JSON.
+    #[arg(long, env = "PAYTRACE_JSON")]
+    pub json: bool,
+}
+
+/// What one sender saw.
+struct Tally {
+    latency_us: Histogram<u64>,
+    statuses: BTreeMap<String, u64>,
+    codes: BTreeMap<String, u64>,
+    steps: BTreeMap<String, (f64, u64)>,
+}
+
+impl Tally {
+    fn new() -> Tally {
+        Tally {
+            // 1 µs .. 1 h, 3 significant digits.
+            latency_us: Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds"),
+            statuses: BTreeMap::new(),
+            codes: BTreeMap::new(),
+            steps: BTreeMap::new(),
+        }
+    }
+
+    fn merge(&mut self, other: Tally) {
+        let _ = self.latency_us.add(&other.latency_us);
+        for (k, v) in other.statuses {
+            *self.statuses.entry(k).or_default() += v;
+        }
+        for (k, v) in other.codes {
+            *self.codes.entry(k).or_default() += v;
+        }
+        for (k, (sum, n)) in other.steps {
+            let e = self.steps.entry(k).or_default();
+            e.0 += sum;
+            e.1 += n;
+        }
+    }
+}
+
+/// Shared between the senders.
+struct Plan {
+    config: LoadConfig,
+    start: Instant,
+    end: Option<Instant>,
+    issued: AtomicU64,
+    stop: AtomicBool,
+    /// Keys that were answered, with their amounts: replays pick from these.
+    used: Mutex<Vec<(String, u32)>>,
+    run_id: String,
+    done: AtomicU64,
+}
+
+impl Plan {
+    /// The next request's number and, in open loop, when it is due; `None` when the run is over.
+    fn next(&self) -> Option<(u64, Option<Instant>)> {
+        if self.stop.load(Ordering::Relaxed) {
+            return None;
+        }
+        let i = self.issued.fetch_add(1, Ordering::Relaxed);
+        if self.config.requests.is_some_and(|n| i >= n) {
+            return None;
+        }
+        let due = self
+            .config
+            .rate
+            .map(|r| self.start + Duration::from_secs_f64(i as f64 / r));
+        let at = due.unwrap_or_else(Instant::now);
+        if self.end.is_some_and(|end| at >= end) {
+            return None;
+        }
+        Some((i, due))
+    }
+}
+
+pub fn run(config: LoadConfig) -> Result<(), String> {
+    if let Some(r) = config.rate
+        && !(r > 0.0 && r.is_finite())
+    {
+        return Err("--rate must be a positive number of requests per second".into());
+    }
+    if !(0.0..=1.0).contains(&config.replay_fraction) {
+        return Err("--replay-fraction must be between 0 and 1".into());
+    }
+    let duration = match (config.duration, config.requests) {
+        (None, None) => Some(Duration::from_secs(10)),
+        (d, _) => d,
+    };
+    let start = Instant::now();
+    let plan = Arc::new(Plan {
+        end: duration.map(|d| start + d),
+        start,
+        issued: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+        used: Mutex::new(Vec::new()),
+        run_id: format!("{:08x}", rand::random::<u32>()),
+        done: AtomicU64::new(0),
+        config: config.clone(),
+    });
+    let agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(config.timeout))
+        .max_idle_connections(config.concurrency as usize)
+        .max_idle_connections_per_host(config.concurrency as usize)
+        .build()
+        .new_agent();
+    let senders: Vec<_> = (0..config.concurrency)
+        .map(|_| {
+            let (plan, agent) = (plan.clone(), agent.clone());
+            thread::spawn(move || send_loop(&plan, &agent))
+        })
+        .collect();
+    let progress = {
+        let plan = plan.clone();
+        thread::spawn(move || progress_loop(&plan))
+    };
+    let mut total = Tally::new();
+    for s in senders {
+        total.merge(
+            s.join()
+                .map_err(|_| "a sender thread panicked".to_string())?,
+        );
+    }
+    plan.stop.store(true, Ordering::Relaxed);
+    let _ = progress.join();
+    let elapsed = start.elapsed();
+    let summary = summarize(&config, &total, elapsed);
+    if config.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&summary).unwrap_or_default()
+        );
+    } else {
+        print_table(&summary);
+    }
+    Ok(())
+}
+
+fn send_loop(plan: &Plan, agent: &ureq::Agent) -> Tally {
+    let mut tally = Tally::new();
+    let mut rng = rand::rng();
+    let cfg = &plan.config;
+    let payments = cfg.path == "/payments";
+    while let Some((i, due)) = plan.next() {
+        if let Some(due) = due {
+            let now = Instant::now();
+            if due > now {
+                thread::sleep(due - now);
+            }
+        }
+        let sent = due.unwrap_or_else(Instant::now);
+        let url = format!("{}{}", cfg.url.trim_end_matches('/'), cfg.path);
+        let result = if payments {
+            let replay = if rng.random_bool(cfg.replay_fraction) {
+                let used = plan.used.lock().unwrap_or_else(|e| e.into_inner());
+                (!used.is_empty()).then(|| used[rng.random_range(0..used.len())].clone())
+            } else {
+                None
+            };
+            let (key, amount) = replay.unwrap_or_else(|| {
+                (
+                    format!("load-{}-{i}", plan.run_id),
+                    rng.random_range(100..100_000),
+                )
+            });
+            let body = format!(r#"{{"amount":{amount},"currency":"usd","source":"tok_visa"}}"#);
+            let r = agent
+                .post(&url)
+                .header("Authorization", format!("Bearer {}", cfg.api_key))
+                .header("Idempotency-Key", &key)
+                .header("Content-Type", "application/json")
+                .send(body.as_bytes());
+            if matches!(&r, Ok(resp) if resp.status().as_u16() == 201) {
+                plan.used
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((key, amount));
+            }
+            r
+        } else {
+            agent
+                .get(&url)
+                .header("Authorization", format!("Bearer {}", cfg.api_key))
+                .call()
+        };
+        record(&mut tally, result, sent);
+        plan.done.fetch_add(1, Ordering::Relaxed);
+    }
+    tally
+}
+
+fn record(
+    tally: &mut Tally,
+    result: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    sent: Instant,
+) {
+    let latency = sent.elapsed();
+    let _ = tally
+        .latency_us
+        .record((latency.as_micros() as u64).clamp(1, 3_600_000_000));
+    let mut response = match result {
+        Ok(r) => r,
+        Err(e) => {
+            *tally.statuses.entry("error".into()).or_default() += 1;
+            *tally
+                .codes
+                .entry(format!("transport: {}", short_error(&e)))
+                .or_default() += 1;
+            return;
+        }
+    };
+    let status = response.status().as_u16();
+    *tally.statuses.entry(status.to_string()).or_default() += 1;
+    if let Some(timing) = response
+        .headers()
+        .get("Server-Timing")
+        .and_then(|v| v.to_str().ok())
+    {
+        for entry in timing.split(',') {
+            let mut parts = entry.trim().split(';');
+            let name = parts.next().unwrap_or("").to_string();
+            if let Some(dur) = parts
+                .find_map(|p| p.trim().strip_prefix("dur="))
+                .and_then(|d| d.parse::<f64>().ok())
+            {
+                let e = tally.steps.entry(name).or_default();
+                e.0 += dur;
+                e.1 += 1;
+            }
+        }
+    }
+    let body = response.body_mut().read_to_string().unwrap_or_default();
+    if status >= 400
+        && let Ok(v) = serde_json::from_str::<Value>(&body)
+        && let Some(code) = v["code"].as_str()
+    {
+        *tally.codes.entry(format!("{status} {code}")).or_default() += 1;
+    }
+}
+
+fn short_error(e: &ureq::Error) -> String {
+    match e {
+        ureq::Error::Timeout(_) => "timeout".into(),
+        ureq::Error::Io(io) => format!("{:?}", io.kind()),
+        other => other.to_string().chars().take(60).collect(),
+    }
+}
+
+fn progress_loop(plan: &Plan) {
+    let tty = std::io::stderr().is_terminal();
+    let mut last = 0;
+    let mut tick = Instant::now();
+    while !plan.stop.load(Ordering::Relaxed) {
+        thread::sleep(Duration::from_millis(100));
+        if tick.elapsed() < Duration::from_secs(1) {
+            continue;
+        }
+        tick = Instant::now();
+        let done = plan.done.load(Ordering::Relaxed);
+        let line = format!(
+            "[{:>4.0}s] {done} requests, {} in the last second",
+            plan.start.elapsed().as_secs_f64(),
+            done - last
+        );
+        last = done;
+        if tty {
+            eprint!("\r{line}   ");
+        } else {
+            eprintln!("{line}");
+        }
+    }
+    if tty {
+        eprintln!();
+    }
+}
+
+fn summarize(config: &LoadConfig, t: &Tally, elapsed: Duration) -> Value {
+    let requests: u64 = t.statuses.values().sum();
+    let ms = |us: u64| us as f64 / 1000.0;
+    let h = &t.latency_us;
+    let steps: BTreeMap<&str, f64> = t
+        .steps
+        .iter()
+        .map(|(k, (sum, n))| (k.as_str(), (sum / *n as f64 * 100.0).round() / 100.0))
+        .collect();
+    let mut limits = Vec::new();
+    for (code, n) in &t.codes {
+        let hint = if code.starts_with("429") {
+            "the per-key rate limit: raise `serve --rate-limit`"
+        } else if code == "503 overloaded" {
+            "the worker queue was full or the pool timed out: raise `serve --workers` / `--queue` (or `--pool-size`, `--acquire-timeout`)"
+        } else if code == "503 provider-unavailable" {
+            "the provider failed and the breaker opened, or it was unreachable: see `--provider-url` and `--breaker-*`"
+        } else if code.starts_with("504") {
+            "the request budget ran out: `--request-timeout`, `--provider-timeout`"
+        } else if code == "503 shutting-down" {
+            "the server was shutting down"
+        } else {
+            continue;
+        };
+        limits.push(json!({"code": code, "count": n, "limit": hint}));
+    }
+    json!({
+        "url": config.url,
+        "path": config.path,
+        "mode": if config.rate.is_some() { "open" } else { "closed" },
+        "concurrency": config.concurrency,
+        "rate": config.rate,
+        "requests": requests,
+        "duration_s": (elapsed.as_secs_f64() * 1000.0).round() / 1000.0,
+        "throughput": (requests as f64 / elapsed.as_secs_f64() * 10.0).round() / 10.0,
+        "status": t.statuses,
+        "codes": t.codes,
+        "latency_ms": {
+            "p50": ms(h.value_at_quantile(0.5)),
+            "p90": ms(h.value_at_quantile(0.9)),
+            "p99": ms(h.value_at_quantile(0.99)),
+            "p99.9": ms(h.value_at_quantile(0.999)),
+            "max": ms(h.max()),
+            "mean": (h.mean() / 10.0).round() / 100.0,
+        },
+        "server_timing_mean_ms": steps,
+        "limits_hit": limits,
+    })
+}
+
+fn print_table(s: &Value) {
+    println!(
+        "{} requests in {} s ({} loop, concurrency {}): {} requests/s",
+        s["requests"],
+        s["duration_s"],
+        s["mode"].as_str().unwrap_or(""),
+        s["concurrency"],
+        s["throughput"]
+    );
+    let statuses: Vec<String> = s["status"]
+        .as_object()
+        .map(|m| m.iter().map(|(k, v)| format!("{k}: {v}")).collect())
+        .unwrap_or_default();
+    println!("status      {}", statuses.join(", "));
+    let l = &s["latency_ms"];
+    println!(
+        "latency ms  p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
+        l["p50"], l["p90"], l["p99"], l["p99.9"], l["max"]
+    );
+    if let Some(steps) = s["server_timing_mean_ms"]
+        .as_object()
+        .filter(|m| !m.is_empty())
+    {
+        let order = ["queue", "acquire", "claim", "provider", "persist", "total"];
+        let line: Vec<String> = order
+            .iter()
+            .filter_map(|k| steps.get(*k).map(|v| format!("{k} {v}")))
+            .collect();
+        println!("server ms   {} (means of Server-Timing)", line.join("  "));
+    }
+    if let Some(limits) = s["limits_hit"].as_array() {
+        for l in limits {
+            println!(
+                "limit hit   {} × {}: {}",
+                l["count"],
+                l["code"].as_str().unwrap_or(""),
+                l["limit"].as_str().unwrap_or("")
+            );
+        }
+    }
+}
