@@ -17,6 +17,7 @@
 //! order is [`payments::create`].
 
 pub mod app;
+pub mod bench;
 pub mod breaker;
 pub mod clock;
 pub mod config;

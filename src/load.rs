@@ -106,6 +106,9 @@ struct Plan {
     used: Mutex<Vec<(String, u32)>>,
     run_id: String,
     done: AtomicU64,
+    /// Answers that arrived before the end of a `--duration` run: the throughput counts these
+    /// over the duration, so requests still finishing after it do not stretch the window.
+    done_in_window: AtomicU64,
 }
 
 impl Plan {
@@ -130,7 +133,22 @@ impl Plan {
     }
 }
 
+/// `paytrace load`: runs, then prints the summary as a table or JSON.
 pub fn run(config: LoadConfig) -> Result<(), String> {
+    let summary = execute(&config, true)?;
+    if config.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&summary).unwrap_or_default()
+        );
+    } else {
+        print_table(&summary);
+    }
+    Ok(())
+}
+
+/// Runs the load and returns the summary (the JSON shape `--json` prints).
+pub fn execute(config: &LoadConfig, show_progress: bool) -> Result<Value, String> {
     if let Some(r) = config.rate
         && !(r > 0.0 && r.is_finite())
     {
@@ -152,6 +170,7 @@ pub fn run(config: LoadConfig) -> Result<(), String> {
         used: Mutex::new(Vec::new()),
         run_id: format!("{:08x}", rand::random::<u32>()),
         done: AtomicU64::new(0),
+        done_in_window: AtomicU64::new(0),
         config: config.clone(),
     });
     let agent = ureq::Agent::config_builder()
@@ -167,10 +186,10 @@ pub fn run(config: LoadConfig) -> Result<(), String> {
             thread::spawn(move || send_loop(&plan, &agent))
         })
         .collect();
-    let progress = {
+    let progress = show_progress.then(|| {
         let plan = plan.clone();
         thread::spawn(move || progress_loop(&plan))
-    };
+    });
     let mut total = Tally::new();
     for s in senders {
         total.merge(
@@ -179,18 +198,19 @@ pub fn run(config: LoadConfig) -> Result<(), String> {
         );
     }
     plan.stop.store(true, Ordering::Relaxed);
-    let _ = progress.join();
-    let elapsed = start.elapsed();
-    let summary = summarize(&config, &total, elapsed);
-    if config.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&summary).unwrap_or_default()
-        );
-    } else {
-        print_table(&summary);
+    if let Some(p) = progress {
+        let _ = p.join();
     }
-    Ok(())
+    let (window, answered) = match plan.end {
+        Some(end) => (end - start, plan.done_in_window.load(Ordering::Relaxed)),
+        None => (start.elapsed(), plan.done.load(Ordering::Relaxed)),
+    };
+    Ok(summarize(
+        config,
+        &total,
+        start.elapsed(),
+        answered as f64 / window.as_secs_f64(),
+    ))
 }
 
 fn send_loop(plan: &Plan, agent: &ureq::Agent) -> Tally {
@@ -242,6 +262,9 @@ fn send_loop(plan: &Plan, agent: &ureq::Agent) -> Tally {
         };
         record(&mut tally, result, sent);
         plan.done.fetch_add(1, Ordering::Relaxed);
+        if plan.end.is_none_or(|end| Instant::now() <= end) {
+            plan.done_in_window.fetch_add(1, Ordering::Relaxed);
+        }
     }
     tally
 }
@@ -331,7 +354,7 @@ fn progress_loop(plan: &Plan) {
     }
 }
 
-fn summarize(config: &LoadConfig, t: &Tally, elapsed: Duration) -> Value {
+fn summarize(config: &LoadConfig, t: &Tally, elapsed: Duration, throughput: f64) -> Value {
     let requests: u64 = t.statuses.values().sum();
     let ms = |us: u64| us as f64 / 1000.0;
     let h = &t.latency_us;
@@ -365,7 +388,7 @@ fn summarize(config: &LoadConfig, t: &Tally, elapsed: Duration) -> Value {
         "rate": config.rate,
         "requests": requests,
         "duration_s": (elapsed.as_secs_f64() * 1000.0).round() / 1000.0,
-        "throughput": (requests as f64 / elapsed.as_secs_f64() * 10.0).round() / 10.0,
+        "throughput": (throughput * 10.0).round() / 10.0,
         "status": t.statuses,
         "codes": t.codes,
         "latency_ms": {

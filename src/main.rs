@@ -25,6 +25,8 @@ enum Command {
     Provider(ProviderConfig),
     /// Send load to a running server and summarize what came back.
     Load(Box<paytrace::load::LoadConfig>),
+    /// Run the reproducible benchmark (starts its own provider and servers) and print a table.
+    Bench(paytrace::bench::BenchConfig),
 }
 
 fn main() -> ExitCode {
@@ -51,6 +53,16 @@ fn main() -> ExitCode {
                 Err(reason) => {
                     eprintln!("paytrace load: {reason}");
                     ExitCode::from(2)
+                }
+            }
+        }
+        Command::Bench(config) => {
+            init_logging(LogFormat::Text);
+            match paytrace::bench::run(config) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(reason) => {
+                    eprintln!("paytrace bench: {reason}");
+                    ExitCode::from(1)
                 }
             }
         }

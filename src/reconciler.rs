@@ -1,5 +1,6 @@
 //! The housekeeping thread: the reconciler, which settles payments whose requests are gone
-//! before their outcome was known, and the sweeper, which deletes expired idempotency keys.
+//! before their outcome was known; the sweeper, which deletes expired idempotency keys; and the
+//! WAL checkpoint, every 100 ms, off the writers' path.
 //!
 //! The reconciler only ever *asks* the provider (`GET /v1/charges?idempotency_key=<payment id>`);
 //! it never creates a charge. A charge the provider holds settles the payment (`succeeded` or
@@ -21,6 +22,8 @@ use crate::payments;
 
 /// How often unsettled payments are looked for.
 const RECONCILE_EVERY: Duration = Duration::from_secs(1);
+/// How often the WAL is checkpointed (and the stop flag looked at).
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 /// How often expired keys are deleted.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
 /// How long after its last attempt a payment the provider never saw is declared `failed`, on top
@@ -29,22 +32,26 @@ pub const NO_CHARGE_MARGIN: Duration = Duration::from_secs(2);
 /// Payments looked at per round.
 const BATCH: usize = 100;
 
-/// Starts the thread; it stops within ~50 ms of `stop` being set.
+/// Starts the thread; it stops within ~100 ms of `stop` being set.
 pub fn spawn(app: Arc<App>, stop: Arc<AtomicBool>) -> Result<JoinHandle<()>, String> {
     thread::Builder::new()
         .name("housekeeping".into())
         .spawn(move || {
             let mut next_sweep = Instant::now();
+            let mut next_reconcile = Instant::now();
             while !stop.load(Ordering::SeqCst) {
-                reconcile(&app);
+                if let Err(e) = app.db.checkpoint_passive(Duration::from_secs(1)) {
+                    log::warn!("WAL checkpoint: {e}");
+                }
+                if Instant::now() >= next_reconcile {
+                    reconcile(&app);
+                    next_reconcile = Instant::now() + RECONCILE_EVERY;
+                }
                 if Instant::now() >= next_sweep {
                     sweep(&app);
                     next_sweep = Instant::now() + SWEEP_EVERY;
                 }
-                let wake = Instant::now() + RECONCILE_EVERY;
-                while Instant::now() < wake && !stop.load(Ordering::SeqCst) {
-                    thread::sleep(Duration::from_millis(50));
-                }
+                thread::sleep(CHECKPOINT_EVERY);
             }
         })
         .map_err(|e| format!("cannot start the housekeeping thread: {e}"))

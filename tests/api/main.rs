@@ -9,6 +9,7 @@ mod guards;
 mod idempotency;
 mod middleware;
 mod nginx;
+mod observability;
 mod payments;
 mod provider_faults;
 mod shutdown;

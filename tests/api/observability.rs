@@ -1,0 +1,266 @@
+//! `/metrics` as Prometheus text, and `paytrace load` agreeing with it.
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::sync::{Arc, Barrier};
+use std::thread;
+
+use crate::helpers::*;
+
+/// Parses the text exposition: `name{labels} value` per sample line; panics on anything else.
+fn scrape(base: &str) -> HashMap<String, f64> {
+    let r = agent().get(format!("{base}/metrics")).call().unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let ctype = r
+        .headers()
+        .get("Content-Type")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(ctype.starts_with("text/plain; version=0.0.4"), "{ctype}");
+    let text = r.into_body().read_to_string().unwrap();
+    let mut samples = HashMap::new();
+    for line in text.lines() {
+        if line.is_empty() {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix('#') {
+            let kind = rest.split_whitespace().next().unwrap();
+            assert!(kind == "HELP" || kind == "TYPE", "bad comment line: {line}");
+            continue;
+        }
+        let (name, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("bad sample line: {line}"));
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value in: {line}"));
+        let bare = name.split('{').next().unwrap();
+        assert!(bare.starts_with("paytrace_"), "{name}");
+        assert!(
+            bare.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+            "{name}"
+        );
+        samples.insert(name.to_string(), value);
+    }
+    samples
+}
+
+fn get_metric(m: &HashMap<String, f64>, name: &str) -> f64 {
+    m.get(name).copied().unwrap_or(0.0)
+}
+
+#[test]
+fn metrics_parse_and_move_with_requests_sheds_and_the_breaker() {
+    let _serial = exclusive();
+    let provider = provider(&["--latency", "300ms"]);
+    let serve = Serve::start(&[
+        "--provider-url",
+        &provider.url,
+        "--workers",
+        "1",
+        "--queue",
+        "1",
+        "--rate-limit",
+        "10000/s",
+        "--breaker-min-calls",
+        "3",
+        "--breaker-slow-call",
+        "5s",
+    ]);
+    let before = scrape(serve.url());
+    for name in [
+        "paytrace_workers_busy",
+        "paytrace_queue_depth",
+        "paytrace_db_acquire_timeouts_total",
+        "paytrace_breaker_state",
+        "paytrace_draining",
+        "paytrace_db_pool_connections{state=\"idle\"}",
+    ] {
+        assert!(
+            before.contains_key(name),
+            "{name} is exposed from the start"
+        );
+    }
+    assert_eq!(
+        get_metric(&before, "paytrace_db_pool_connections{state=\"idle\"}"),
+        8.0
+    );
+
+    assert_eq!(pay(serve.url(), "m-1", &body(100)).status, 201);
+    let start = Arc::new(Barrier::new(6));
+    let handles: Vec<_> = (0..6)
+        .map(|i| {
+            let (url, start) = (serve.url().to_string(), start.clone());
+            thread::spawn(move || {
+                start.wait();
+                pay(&url, &format!("m-burst-{i}"), &body(100)).status
+            })
+        })
+        .collect();
+    let statuses: Vec<u16> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let shed = statuses.iter().filter(|s| **s == 503).count() as f64;
+    let created = statuses.iter().filter(|s| **s == 201).count() as f64;
+    assert!(shed >= 1.0, "{statuses:?}");
+    let after = scrape(serve.url());
+    let posted_201 = "paytrace_http_requests_total{route=\"POST /payments\",status=\"201\"}";
+    assert_eq!(get_metric(&after, posted_201), 1.0 + created);
+    assert_eq!(
+        get_metric(
+            &after,
+            "paytrace_requests_shed_total{reason=\"queue_full\"}"
+        ),
+        shed
+    );
+    assert_eq!(
+        get_metric(&after, "paytrace_payments_total{status=\"succeeded\"}"),
+        1.0 + created
+    );
+    assert_eq!(
+        get_metric(&after, "paytrace_provider_calls_total{outcome=\"charged\"}"),
+        1.0 + created
+    );
+    assert_eq!(
+        get_metric(&after, "paytrace_idempotency_total{outcome=\"new\"}"),
+        1.0 + created
+    );
+    assert_eq!(
+        get_metric(
+            &after,
+            "paytrace_step_duration_seconds_count{step=\"provider\"}"
+        ),
+        1.0 + created
+    );
+    assert!(
+        get_metric(
+            &after,
+            "paytrace_step_duration_seconds_sum{step=\"provider\"}"
+        ) >= 0.3 * (1.0 + created)
+    );
+    assert!(
+        get_metric(
+            &after,
+            "paytrace_http_request_duration_seconds_count{route=\"POST /payments\"}"
+        ) >= 7.0
+    );
+
+    // The provider fails: three calls open the breaker.
+    agent()
+        .put(format!("{}/_control/faults", provider.url))
+        .send(r#"{"fail_rate":1,"latency_ms":0}"#.as_bytes())
+        .unwrap();
+    for i in 0..3 {
+        assert_eq!(
+            pay(serve.url(), &format!("m-fail-{i}"), &body(100)).status,
+            502
+        );
+    }
+    assert_eq!(pay(serve.url(), "m-open", &body(100)).status, 503);
+    let open = scrape(serve.url());
+    assert_eq!(get_metric(&open, "paytrace_breaker_state"), 1.0);
+    assert_eq!(
+        get_metric(&open, "paytrace_breaker_transitions_total{to=\"open\"}"),
+        1.0
+    );
+    assert_eq!(
+        get_metric(
+            &open,
+            "paytrace_provider_calls_total{outcome=\"ambiguous\"}"
+        ),
+        3.0
+    );
+    assert_eq!(
+        get_metric(&open, "paytrace_provider_calls_total{outcome=\"rejected\"}"),
+        1.0
+    );
+    assert_eq!(
+        get_metric(
+            &open,
+            "paytrace_requests_shed_total{reason=\"breaker_open\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        get_metric(&open, "paytrace_payments_total{status=\"pending\"}"),
+        3.0
+    );
+}
+
+#[test]
+fn paytrace_load_json_reports_the_counts_the_server_counted() {
+    let serve = Serve::start(&["--rate-limit", "10000/s"]);
+    let out = Command::new(env!("CARGO_BIN_EXE_paytrace"))
+        .args([
+            "load",
+            "--url",
+            serve.url(),
+            "--requests",
+            "150",
+            "--concurrency",
+            "4",
+            "--replay-fraction",
+            "0.2",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["requests"], 150);
+    let created = summary["status"]["201"].as_f64().unwrap();
+    assert_eq!(created, 150.0, "{summary}");
+    for p in ["p50", "p90", "p99", "p99.9", "max"] {
+        assert!(summary["latency_ms"][p].as_f64().unwrap() > 0.0, "{p}");
+    }
+    assert!(
+        summary["server_timing_mean_ms"]["provider"]
+            .as_f64()
+            .is_some()
+    );
+    let m = scrape(serve.url());
+    assert_eq!(
+        get_metric(
+            &m,
+            "paytrace_http_requests_total{route=\"POST /payments\",status=\"201\"}"
+        ),
+        created
+    );
+    let new = get_metric(&m, "paytrace_idempotency_total{outcome=\"new\"}");
+    let replayed = get_metric(&m, "paytrace_idempotency_total{outcome=\"replayed\"}");
+    assert_eq!(new + replayed, created);
+    assert!(replayed > 0.0, "some requests were replays");
+    assert_eq!(
+        provider_stats(&serve.provider_url)["charges"]
+            .as_f64()
+            .unwrap(),
+        new
+    );
+}
+
+#[test]
+fn paytrace_load_names_the_limit_it_hit() {
+    let serve = Serve::start(&["--rate-limit", "5/s"]);
+    let out = Command::new(env!("CARGO_BIN_EXE_paytrace"))
+        .args([
+            "load",
+            "--url",
+            serve.url(),
+            "--requests",
+            "30",
+            "--concurrency",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("429 rate-limited") && text.contains("serve --rate-limit"),
+        "{text}"
+    );
+}
