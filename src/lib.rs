@@ -8,14 +8,14 @@
 //! | 01 | accept and parse: body and header limits, backpressure | [`server::run`], [`http::check_head`], [`http::read_body`] |
 //! | 02 | middleware and dependency injection | [`middleware`], [`app::App`] |
 //! | 03 | a bounded worker pool instead of an event loop | [`server::run`] (dispatcher + `worker`) |
-//! | 04 | the connection pool with an acquisition timeout | [`db::Db::acquire`], [`db::Db::write`] |
+//! | 04 | the connection pool with an acquisition timeout | [`db::Db::acquire`], [`db::Db::writer`] |
 //! | 05 | the idempotency table, and the reconciler | [`idempotency::claim`], [`idempotency::persist`], [`reconciler::reconcile`] |
 //! | 06 | the circuit breaker around the provider call | [`breaker::Breaker`], [`provider::client::ProviderClient::charge`] |
 //! | 07 | graceful shutdown in reverse dependency order | [`shutdown`] (the order and why), [`shutdown::teardown`] |
 //!
 //! The budget itself is [`deadline::Deadline::slice`]; the handler that walks the steps in
 //! order is [`payments::create`]. Around them: [`metrics`] (`GET /metrics`), [`provider::sim`]
-//! (`paytrace provider`), [`load`] (`paytrace load`) and [`bench`] (`paytrace bench`).
+//! (`paytrace provider`), [`load`] (`paytrace load`) and [`bench`](mod@bench) (`paytrace bench`).
 //!
 //! Suggested reading order for one request: [`server::run`] → [`middleware::protect`] →
 //! [`payments::create`] → [`db::Db::writer`] → [`idempotency::claim`] →
