@@ -1,9 +1,11 @@
 //! Unit 02, middleware and dependency injection.
 //!
-//! The chain runs in this order for every request, and [`CHAIN`] names it so a test can assert
-//! it: request id → access log → auth → rate limit → deadline. Each link is a small function
-//! here; `server::handle` calls them in that order, and the per-request [`Ctx`] carries what
-//! they produce (id, principal, deadline, step timings) to the handler. The long-lived
+//! The chain runs in this order for every request: request id → access log → auth → rate limit
+//! → deadline. `server::handle` creates the [`Ctx`] (request id) and writes the access-log line
+//! last, whatever happened; [`protect`] runs the other three, in order, in front of every
+//! `/payments` handler. The per-request [`Ctx`] carries what they produce (id, principal,
+//! deadline, step timings) to the handler. `tests/api/middleware.rs` asserts the order from
+//! outside. The long-lived
 //! collaborators (pool, provider client, config) live in `app::App`, built once at start-up and
 //! handed to every handler: no globals.
 
@@ -18,9 +20,6 @@ use crate::deadline::{Deadline, Step};
 use crate::error::ApiError;
 use crate::http;
 use crate::ratelimit::{Decision, RateLimiter};
-
-/// The middleware chain, outermost first.
-pub const CHAIN: [&str; 5] = ["request-id", "access-log", "auth", "rate-limit", "deadline"];
 
 /// Who is calling: derived from the API key, never the key itself (keys are never logged or
 /// stored). Payments and idempotency keys are scoped to it.

@@ -86,3 +86,51 @@ fn wrong_keys_are_401_and_no_key_ever_reaches_the_log() {
     }
     assert_eq!(v["idempotency"], "new");
 }
+
+#[test]
+fn the_chain_runs_request_id_access_log_auth_rate_limit_deadline_in_that_order() {
+    let mut serve = Serve::start(&["--rate-limit", "1/m", "--api-key", "sk_order"]);
+    let call = |key: &str, id: &str| {
+        let mut r = agent()
+            .get(format!("{}/payments", serve.url()))
+            .header("Authorization", format!("Bearer {key}"))
+            .header("Request-Timeout-Ms", "not-a-number")
+            .header("X-Request-Id", id)
+            .call()
+            .unwrap();
+        let echoed = r
+            .headers()
+            .get("X-Request-Id")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_string();
+        let body: serde_json::Value = r.body_mut().read_json().unwrap();
+        (r.status().as_u16(), echoed, body)
+    };
+    // Auth before rate limit and deadline: a wrong key is 401 and spends no token.
+    let (status, echoed, _) = call("sk_wrong", "order-1");
+    assert_eq!(
+        (status, echoed.as_str()),
+        (401, "order-1"),
+        "request id first, then auth"
+    );
+    // Rate limit before deadline: the one token of the minute is spent on the bad header (400)…
+    let (status, _, body) = call("sk_order", "order-2");
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("Request-Timeout-Ms")
+    );
+    // …and the next request is refused by the rate limit before its header is looked at.
+    let (status, _, body) = call("sk_order", "order-3");
+    assert_eq!(status, 429, "{body}");
+    // The access log wraps them all, with the request id.
+    for id in ["order-1", "order-2", "order-3"] {
+        serve
+            .proc
+            .wait_for_log(&format!("{id} GET /payments"), Duration::from_secs(5));
+    }
+}
