@@ -14,7 +14,7 @@ use crate::error::{ApiError, FieldError};
 use crate::http::{self, Reply};
 use crate::idempotency::{self, Attempt, NewPayment, NextAction, StoredResponse};
 use crate::middleware::Ctx;
-use crate::provider::client::ChargeOutcome;
+use crate::provider::client::{ChargeOutcome, ChargeRequest};
 
 const MAX_AMOUNT: i64 = 99_999_999;
 
@@ -76,10 +76,12 @@ pub fn create(app: &App, ctx: &mut Ctx, request: &mut Request) -> Result<Reply, 
     let outcome = match provider_slice {
         Ok(timeout) => Some(ctx.timed(Step::Provider, || {
             app.provider.charge(
-                &payment.id,
-                payment.amount,
-                &payment.currency,
-                &payment.source,
+                &ChargeRequest {
+                    idempotency_key: &payment.id,
+                    amount: payment.amount,
+                    currency: &payment.currency,
+                    source: &payment.source,
+                },
                 timeout,
             )
         })),
@@ -177,36 +179,19 @@ fn settle(
                 }),
             )
         }
-        Some(ChargeOutcome::Unreachable { detail }) => {
-            payment.status = never_sent;
-            if never_sent == PaymentStatus::Failed {
-                payment.failure_code = Some("provider_unavailable".into());
-            }
-            (
-                None,
-                Err(ApiError::ProviderUnavailable {
-                    detail: format!(
-                        "the payment provider could not be reached ({detail}); nothing was charged"
-                    ),
-                    retry_after_s: 1,
-                    payment: Some(payment.to_json()),
-                }),
-            )
-        }
-        Some(ChargeOutcome::Rejected { retry_after }) => {
-            payment.status = never_sent;
-            if never_sent == PaymentStatus::Failed {
-                payment.failure_code = Some("provider_unavailable".into());
-            }
-            (
-                None,
-                Err(ApiError::ProviderUnavailable {
-                    detail: "the payment provider is failing and the circuit breaker is open; nothing was sent".into(),
-                    retry_after_s: retry_after.as_secs_f64().ceil().max(1.0) as u64,
-                    payment: Some(payment.to_json()),
-                }),
-            )
-        }
+        Some(ChargeOutcome::Unreachable { detail }) => not_sent(
+            payment,
+            never_sent,
+            format!("the payment provider could not be reached ({detail}); nothing was charged"),
+            1,
+        ),
+        Some(ChargeOutcome::Rejected { retry_after }) => not_sent(
+            payment,
+            never_sent,
+            "the payment provider is failing and the circuit breaker is open; nothing was sent"
+                .into(),
+            retry_after.as_secs_f64().ceil().max(1.0) as u64,
+        ),
         None => {
             payment.status = never_sent;
             (
@@ -227,6 +212,27 @@ fn as_pending(payment: &Payment) -> Value {
         v["status"] = json!("pending");
     }
     v
+}
+
+/// 503 `provider-unavailable`: the charge was certainly not sent this time.
+fn not_sent(
+    payment: &mut Payment,
+    status: PaymentStatus,
+    detail: String,
+    retry_after_s: u64,
+) -> (Option<StoredResponse>, Result<Reply, ApiError>) {
+    payment.status = status;
+    if status == PaymentStatus::Failed {
+        payment.failure_code = Some("provider_unavailable".into());
+    }
+    (
+        None,
+        Err(ApiError::ProviderUnavailable {
+            detail,
+            retry_after_s,
+            payment: Some(payment.to_json()),
+        }),
+    )
 }
 
 fn final_answer(

@@ -16,6 +16,16 @@ use crate::breaker::{Breaker, BreakerConfig, Outcome, State, Transition};
 use crate::clock::Clock;
 use crate::metrics::Metrics;
 
+/// One charge to ask for. `idempotency_key` is the payment id: the provider makes at most one
+/// charge per key, which is what makes every retry and resume safe.
+#[derive(Clone, Copy, Debug)]
+pub struct ChargeRequest<'a> {
+    pub idempotency_key: &'a str,
+    pub amount: i64,
+    pub currency: &'a str,
+    pub source: &'a str,
+}
+
 /// What one charge attempt came to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ChargeOutcome {
@@ -104,14 +114,7 @@ impl ProviderClient {
 
     /// `POST /v1/charges` through the breaker: rejected at once while it is open; otherwise the
     /// call is made and its outcome (and duration) recorded. Declines are successes.
-    pub fn charge(
-        &self,
-        idempotency_key: &str,
-        amount: i64,
-        currency: &str,
-        source: &str,
-        timeout: Duration,
-    ) -> ChargeOutcome {
+    pub fn charge(&self, request: &ChargeRequest, timeout: Duration) -> ChargeOutcome {
         let started = self.clock.now();
         let (permit, transition) = self.breaker.try_acquire(started);
         self.log_transition(transition);
@@ -126,7 +129,7 @@ impl ProviderClient {
                 };
             }
         };
-        let outcome = self.send_charge(idempotency_key, amount, currency, source, timeout);
+        let outcome = self.send_charge(request, timeout);
         let counted = match outcome {
             ChargeOutcome::Charged { .. } | ChargeOutcome::Declined { .. } => Outcome::Success,
             _ => Outcome::Failure,
@@ -167,14 +170,13 @@ impl ProviderClient {
     }
 
     /// `POST /v1/charges` with `idempotency_key` (the payment id), waiting at most `timeout`.
-    fn send_charge(
-        &self,
-        idempotency_key: &str,
-        amount: i64,
-        currency: &str,
-        source: &str,
-        timeout: Duration,
-    ) -> ChargeOutcome {
+    fn send_charge(&self, request: &ChargeRequest, timeout: Duration) -> ChargeOutcome {
+        let ChargeRequest {
+            idempotency_key,
+            amount,
+            currency,
+            source,
+        } = *request;
         let sent = self
             .agent
             .post(format!("{}/v1/charges", self.base))

@@ -6,14 +6,6 @@ use std::time::{Duration, Instant};
 
 use crate::helpers::*;
 
-fn set_faults(provider: &Proc, json: &str) {
-    let r = agent()
-        .put(format!("{}/_control/faults", provider.url))
-        .send(json.as_bytes())
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 200);
-}
-
 fn requests(provider: &Proc) -> u64 {
     provider_stats(&provider.url)["requests"].as_u64().unwrap()
 }

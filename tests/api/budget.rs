@@ -6,14 +6,6 @@ use std::time::Duration;
 
 use crate::helpers::*;
 
-fn set_faults(provider: &Proc, json: &str) {
-    let r = agent()
-        .put(format!("{}/_control/faults", provider.url))
-        .send(json.as_bytes())
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 200);
-}
-
 /// The `dur` of one `Server-Timing` entry, and its slice when it has one.
 fn timing(r: &Resp, name: &str) -> (f64, Option<f64>) {
     let header = r.header("Server-Timing").unwrap();

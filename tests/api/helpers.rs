@@ -269,9 +269,18 @@ pub fn pay(base: &str, key: &str, body: &str) -> Resp {
 }
 
 pub fn pay_with(base: &str, key: &str, body: &str, extra: &[(&str, &str)]) -> Resp {
+    pay_full(base, KEY, key, body, extra)
+}
+
+/// `POST {base}/payments` as another API key.
+pub fn pay_as(base: &str, api: &str, key: &str, body: &str) -> Resp {
+    pay_full(base, api, key, body, &[])
+}
+
+fn pay_full(base: &str, api: &str, key: &str, body: &str, extra: &[(&str, &str)]) -> Resp {
     let mut req = agent()
         .post(format!("{base}/payments"))
-        .header("Authorization", format!("Bearer {KEY}"))
+        .header("Authorization", format!("Bearer {api}"))
         .header("Idempotency-Key", key);
     if !extra
         .iter()
@@ -288,6 +297,15 @@ pub fn pay_with(base: &str, key: &str, body: &str, extra: &[(&str, &str)]) -> Re
 
 pub fn body(amount: u32) -> String {
     format!(r#"{{"amount":{amount},"currency":"usd","source":"tok_visa"}}"#)
+}
+
+/// `PUT /_control/faults` on a simulated provider.
+pub fn set_faults(provider: &Proc, json: &str) {
+    let r = agent()
+        .put(format!("{}/_control/faults", provider.url))
+        .send(json.as_bytes())
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
 }
 
 pub fn provider_stats(provider_url: &str) -> Value {

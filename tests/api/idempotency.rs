@@ -9,38 +9,6 @@ use rand::{Rng, SeedableRng};
 
 use crate::helpers::*;
 
-fn set_faults(provider: &Proc, json: &str) {
-    let r = agent()
-        .put(format!("{}/_control/faults", provider.url))
-        .send(json.as_bytes())
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 200);
-}
-
-fn pay_as(base: &str, api: &str, key: &str, body: &str) -> Resp {
-    let t = std::time::Instant::now();
-    let mut r = agent()
-        .post(format!("{base}/payments"))
-        .header("Authorization", format!("Bearer {api}"))
-        .header("Idempotency-Key", key)
-        .header("Content-Type", "application/json")
-        .send(body.as_bytes())
-        .unwrap();
-    let status = r.status().as_u16();
-    let headers = r
-        .headers()
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
-        .collect();
-    let body = r.body_mut().read_json().unwrap_or(serde_json::Value::Null);
-    Resp {
-        status,
-        headers,
-        body,
-        elapsed: t.elapsed(),
-    }
-}
-
 #[test]
 fn fifty_concurrent_requests_with_one_key_make_one_charge() {
     let _serial = exclusive();
