@@ -24,7 +24,7 @@ use crate::payments;
 const RECONCILE_EVERY: Duration = Duration::from_secs(1);
 /// How often the WAL is checkpointed (and the stop flag looked at).
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
-/// How often expired keys are deleted.
+/// How often expired keys are deleted, at most: a short TTL is swept every half TTL.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
 /// How long after its last attempt a payment the provider never saw is declared `failed`, on top
 /// of the provider timeout: a request may still be on its way to the provider.
@@ -49,7 +49,10 @@ pub fn spawn(app: Arc<App>, stop: Arc<AtomicBool>) -> Result<JoinHandle<()>, Str
                 }
                 if Instant::now() >= next_sweep {
                     sweep(&app);
-                    next_sweep = Instant::now() + SWEEP_EVERY;
+                    next_sweep = Instant::now()
+                        + SWEEP_EVERY
+                            .min(app.config.idempotency_ttl / 2)
+                            .max(CHECKPOINT_EVERY);
                 }
                 thread::sleep(CHECKPOINT_EVERY);
             }

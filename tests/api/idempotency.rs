@@ -339,3 +339,23 @@ fn a_thousand_random_requests_with_reuse_and_faults_keep_the_invariants() {
     );
     assert!(stats["charges"].as_u64().unwrap() > 700, "{stats}");
 }
+
+#[test]
+fn a_finished_key_expires_after_the_ttl_but_its_payment_stays() {
+    let serve = Serve::start(&["--idempotency-ttl", "1s"]);
+    let first = pay(serve.url(), "ttl-1", &body(100));
+    assert_eq!(first.status, 201);
+    assert_eq!(
+        pay(serve.url(), "ttl-1", &body(100)).header("Idempotent-Replayed"),
+        Some("true")
+    );
+    // Once swept, the same key is a new payment (a new charge), and the old payment remains.
+    let again = eventually(Duration::from_secs(5), "the key is swept", || {
+        let r = pay(serve.url(), "ttl-1", &body(100));
+        r.header("Idempotent-Replayed").is_none().then_some(r)
+    });
+    assert_eq!(again.status, 201);
+    assert_ne!(again.body["id"], first.body["id"]);
+    assert_eq!(serve.rows().len(), 2, "payments are never deleted");
+    assert_eq!(provider_stats(&serve.provider_url)["charges"], 2);
+}
