@@ -155,6 +155,9 @@ fn kill_9_during_twenty_provider_calls_loses_nothing_and_charges_nothing_twice()
         "2s",
         "--request-timeout",
         "4s",
+        // The provider is slow on purpose here: slow calls must not open the breaker.
+        "--breaker-slow-call",
+        "5s",
     ];
     let serve = Serve::start(&args);
     let url = serve.url().to_string();
@@ -175,6 +178,9 @@ fn kill_9_during_twenty_provider_calls_loses_nothing_and_charges_nothing_twice()
                     .header("Authorization", format!("Bearer {KEY}"))
                     .header("Idempotency-Key", format!("crash-{i}"))
                     .header("Content-Type", "application/json")
+                    // As nginx sends upstream: tiny_http frees the connection's thread at
+                    // parse time, so the 20 do not queue behind each other (README limits).
+                    .header("Connection", "close")
                     .send(body(100).as_bytes());
             })
         })
