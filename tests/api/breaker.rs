@@ -6,6 +6,15 @@ use std::time::{Duration, Instant};
 
 use crate::helpers::*;
 
+fn server_total_ms(r: &Resp) -> f64 {
+    let timing = r.header("Server-Timing").unwrap();
+    timing
+        .split(", ")
+        .find_map(|e| e.strip_prefix("total;dur="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no total in {timing}"))
+}
+
 fn requests(provider: &Proc) -> u64 {
     provider_stats(&provider.url)["requests"].as_u64().unwrap()
 }
@@ -42,10 +51,17 @@ fn a_failing_provider_opens_the_breaker_then_trial_calls_close_it() {
         assert_eq!(r.body["code"], "provider-unavailable");
         assert_eq!(r.body["payment"]["status"], "failed");
         let retry: u64 = r.header("Retry-After").unwrap().parse().unwrap();
-        assert!((1..=1).contains(&retry), "Retry-After {retry}");
+        assert_eq!(
+            retry, 1,
+            "the breaker reopens within a second (--breaker-open 1s)"
+        );
+        // Answered within 20 ms of being read off the socket (the server's own clock), and
+        // well within a client's patience including connecting.
+        let total = server_total_ms(&r);
+        assert!(total < 20.0, "short-circuited in {total} ms");
         assert!(
-            r.elapsed < Duration::from_millis(20),
-            "short-circuited in {:?}",
+            r.elapsed < Duration::from_millis(100),
+            "client saw {:?}",
             r.elapsed
         );
     }
@@ -139,5 +155,10 @@ fn a_hanging_provider_times_out_counts_as_failing_and_no_request_outlives_its_bu
         .wait_for_log("breaker closed → open", Duration::from_secs(2));
     let r = pay(serve.url(), "h-after", &body(100));
     assert_eq!(r.status, 503);
-    assert!(r.elapsed < Duration::from_millis(50), "{:?}", r.elapsed);
+    assert!(
+        server_total_ms(&r) < 20.0,
+        "{:?}",
+        r.header("Server-Timing")
+    );
+    assert!(r.elapsed < Duration::from_millis(100), "{:?}", r.elapsed);
 }
