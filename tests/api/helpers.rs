@@ -25,6 +25,9 @@ pub struct Proc {
     pub addr: SocketAddr,
     pub url: String,
     log: Arc<Mutex<Vec<String>>>,
+    /// Set when the log reader has seen the end of stderr (the process is gone and every line
+    /// it wrote has been read).
+    log_done: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Proc {
@@ -44,17 +47,20 @@ impl Proc {
             .expect("paytrace starts");
         let stderr = child.stderr.take().expect("stderr is piped");
         let log = Arc::new(Mutex::new(Vec::new()));
-        let sink = log.clone();
+        let log_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (sink, done) = (log.clone(), log_done.clone());
         thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 sink.lock().unwrap().push(line);
             }
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
         });
         let mut proc = Proc {
             child,
             addr: "0.0.0.0:0".parse().unwrap(),
             url: String::new(),
             log,
+            log_done,
         };
         let line = proc.wait_for_log("listening on http://", Duration::from_secs(20));
         let addr = line
@@ -67,14 +73,16 @@ impl Proc {
         proc
     }
 
-    /// The first log line containing `needle`, waiting up to `within`.
+    /// The first log line containing `needle`, waiting up to `within` (also after the process
+    /// exited, until every line it wrote has been read).
     pub fn wait_for_log(&mut self, needle: &str, within: Duration) -> String {
         let deadline = Instant::now() + within;
         loop {
             if let Some(line) = self.log.lock().unwrap().iter().find(|l| l.contains(needle)) {
                 return line.clone();
             }
-            if let Ok(Some(status)) = self.child.try_wait() {
+            let all_read = self.log_done.load(std::sync::atomic::Ordering::SeqCst);
+            if let (true, Ok(Some(status))) = (all_read, self.child.try_wait()) {
                 panic!(
                     "paytrace exited ({status}) before logging `{needle}`:\n{}",
                     self.log_text()

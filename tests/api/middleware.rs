@@ -59,9 +59,13 @@ fn wrong_keys_are_401_and_no_key_ever_reaches_the_log() {
         .unwrap();
     assert_eq!(wrong.status().as_u16(), 401);
     assert_eq!(wrong.headers().get("WWW-Authenticate").unwrap(), "Bearer");
+    // The access-log line is written after the response: wait for both lines.
     serve
         .proc
         .wait_for_log("\"status\":401", Duration::from_secs(5));
+    serve
+        .proc
+        .wait_for_log("\"status\":201", Duration::from_secs(5));
     let log = serve.proc.log_text();
     assert!(
         !log.contains("sk_live_secret_1") && !log.contains("sk_wrong_guess_9"),

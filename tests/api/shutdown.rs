@@ -79,9 +79,12 @@ fn sigterm_drains_in_flight_payments_refuses_new_connections_and_checkpoints() {
         serve.proc.log_text()
     );
     assert!(t.elapsed() < Duration::from_secs(6), "{:?}", t.elapsed());
-    let log = serve.proc.log_text();
-    assert!(log.contains("drained 10 requests"), "{log}");
-    assert!(log.contains("WAL checkpointed"), "{log}");
+    serve
+        .proc
+        .wait_for_log("drained 10 requests", Duration::from_secs(2));
+    serve
+        .proc
+        .wait_for_log("WAL checkpointed", Duration::from_secs(2));
     let wal = serve.dir.path().join("paytrace.db-wal");
     assert!(
         std::fs::metadata(&wal)
@@ -187,10 +190,9 @@ fn a_drain_longer_than_the_drain_timeout_exits_1_naming_the_unfinished_requests(
     );
     serve.proc.signal("TERM");
     assert_eq!(serve.proc.wait_exit(Duration::from_secs(3)), Some(1));
-    let log = serve.proc.log_text();
-    assert!(
-        log.contains("unfinished: drain-me-please POST /payments"),
-        "{log}"
+    serve.proc.wait_for_log(
+        "unfinished: drain-me-please POST /payments",
+        Duration::from_secs(2),
     );
     drop(slow);
 }
