@@ -22,18 +22,9 @@ fn a_full_queue_is_answered_503_at_once_and_only_201s_are_stored() {
         &provider.url,
     ]);
     let url = serve.url().to_string();
-    let start = Arc::new(Barrier::new(20));
-    let handles: Vec<_> = (0..20)
-        .map(|i| {
-            let url = url.clone();
-            let start = start.clone();
-            thread::spawn(move || {
-                start.wait();
-                (format!("bp-{i}"), pay(&url, &format!("bp-{i}"), &body(100)))
-            })
-        })
-        .collect();
-    let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let results = concurrently(20, |i| {
+        (format!("bp-{i}"), pay(&url, &format!("bp-{i}"), &body(100)))
+    });
     let mut created = Vec::new();
     let mut shed = 0;
     for (key, r) in &results {
@@ -95,23 +86,13 @@ fn a_saturated_pool_answers_503_within_the_acquire_timeout() {
         let r = get(&poll_url);
         (r.status == 503).then_some(())
     });
-    let start = Arc::new(Barrier::new(4));
-    let handles: Vec<_> = (0..4)
-        .map(|i| {
-            let url = url.clone();
-            let id = id.clone();
-            let start = start.clone();
-            thread::spawn(move || {
-                start.wait();
-                if i % 2 == 0 {
-                    get(&format!("{url}/payments/{id}"))
-                } else {
-                    pay(&url, &format!("pool-{i}"), &body(100))
-                }
-            })
-        })
-        .collect();
-    let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let results = concurrently(4, |i| {
+        if i % 2 == 0 {
+            get(&format!("{url}/payments/{id}"))
+        } else {
+            pay(&url, &format!("pool-{i}"), &body(100))
+        }
+    });
     for r in &results {
         assert_eq!(r.status, 503, "{}", r.body);
         assert_eq!(r.body["code"], "overloaded");
@@ -172,11 +153,10 @@ fn payment_bytes(key: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-#[test]
-fn a_hundred_connections_opened_at_once_get_every_answer_within_the_request_timeout() {
-    let _serial = exclusive();
-    // Generous database slices: this test is about connections, not about SQLite on a busy CI box.
-    let serve = Serve::start(&[
+/// Room for every request of a burst in the queue, no rate limit, and generous database slices:
+/// the burst tests are about connections, not about SQLite on a busy CI box.
+fn burst_server() -> Serve {
+    Serve::start(&[
         "--queue",
         "512",
         "--rate-limit",
@@ -187,7 +167,13 @@ fn a_hundred_connections_opened_at_once_get_every_answer_within_the_request_time
         "5s",
         "--acquire-timeout",
         "1s",
-    ]);
+    ])
+}
+
+#[test]
+fn a_hundred_connections_opened_at_once_get_every_answer_within_the_request_timeout() {
+    let _serial = exclusive();
+    let serve = burst_server();
     let addr = serve.proc.addr;
     let clients: Vec<Client> = (0..100).map(|_| Client::connect(addr)).collect();
     let start = Arc::new(Barrier::new(100));
@@ -223,32 +209,9 @@ fn a_hundred_connections_opened_at_once_get_every_answer_within_the_request_time
 #[test]
 fn two_hundred_payments_right_after_start_up_all_succeed() {
     let _serial = exclusive();
-    let serve = Serve::start(&[
-        "--queue",
-        "512",
-        "--rate-limit",
-        "100000/s",
-        "--sync",
-        "normal",
-        "--request-timeout",
-        "5s",
-        "--acquire-timeout",
-        "1s",
-    ]);
+    let serve = burst_server();
     let url = serve.url().to_string();
-    let start = Arc::new(Barrier::new(200));
-    let handles: Vec<_> = (0..200)
-        .map(|i| {
-            let url = url.clone();
-            let start = start.clone();
-            thread::spawn(move || {
-                start.wait();
-                pay(&url, &format!("cold-{i}"), &body(100))
-            })
-        })
-        .collect();
-    for h in handles {
-        let r = h.join().unwrap();
+    for r in concurrently(200, |i| pay(&url, &format!("cold-{i}"), &body(100))) {
         assert_eq!(r.status, 201, "{}", r.body);
     }
     assert_eq!(provider_stats(&serve.provider_url)["charges"], 200);

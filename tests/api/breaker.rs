@@ -1,7 +1,5 @@
 //! The circuit breaker around the provider, against a provider that fails on command.
 
-use std::sync::{Arc, Barrier};
-use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::helpers::*;
@@ -75,22 +73,9 @@ fn a_failing_provider_opens_the_breaker_then_trial_calls_close_it() {
     eventually(Duration::from_secs(3), "the open period is over", || {
         (Instant::now() >= reopens).then_some(())
     });
-    let start = Arc::new(Barrier::new(10));
-    let url = serve.url().to_string();
-    let handles: Vec<_> = (0..10)
-        .map(|i| {
-            let url = url.clone();
-            let start = start.clone();
-            thread::spawn(move || {
-                start.wait();
-                pay(&url, &format!("trial-{i}"), &body(100))
-            })
-        })
-        .collect();
-    let statuses: Vec<u16> = handles
-        .into_iter()
-        .map(|h| h.join().unwrap().status)
-        .collect();
+    let statuses: Vec<u16> = concurrently(10, |i| {
+        pay(serve.url(), &format!("trial-{i}"), &body(100)).status
+    });
     assert_eq!(
         statuses.iter().filter(|s| **s == 201).count(),
         3,
@@ -123,21 +108,8 @@ fn a_hanging_provider_times_out_counts_as_failing_and_no_request_outlives_its_bu
         "--rate-limit",
         "10000/s",
     ]);
-    let start = Arc::new(Barrier::new(8));
-    let url = serve.url().to_string();
-    let handles: Vec<_> = (0..8)
-        .map(|i| {
-            let url = url.clone();
-            let start = start.clone();
-            thread::spawn(move || {
-                start.wait();
-                pay(&url, &format!("h-{i}"), &body(100))
-            })
-        })
-        .collect();
     let mut timed_out = 0;
-    for h in handles {
-        let r = h.join().unwrap();
+    for r in concurrently(8, |i| pay(serve.url(), &format!("h-{i}"), &body(100))) {
         match r.status {
             504 => {
                 assert_eq!(r.body["step"], "provider");

@@ -374,6 +374,24 @@ pub fn dead_addr() -> SocketAddr {
     l.local_addr().unwrap()
 }
 
+/// Runs `f(0)`, …, `f(n − 1)` on `n` threads released at the same moment; their results in
+/// order.
+pub fn concurrently<T: Send>(n: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    let start = std::sync::Barrier::new(n);
+    thread::scope(|s| {
+        let handles: Vec<_> = (0..n)
+            .map(|i| {
+                let (f, start) = (&f, &start);
+                s.spawn(move || {
+                    start.wait();
+                    f(i)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
 /// Polls `f` every 20 ms until it returns `Some`, or panics after `within`.
 pub fn eventually<T>(within: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + within;

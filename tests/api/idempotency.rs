@@ -1,7 +1,6 @@
 //! Idempotency under retries, races, ambiguous provider answers and kill -9.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::Duration;
 
@@ -21,20 +20,8 @@ fn fifty_concurrent_requests_with_one_key_make_one_charge() {
         "--queue",
         "128",
     ]);
-    let start = Arc::new(Barrier::new(50));
-    let handles: Vec<_> = (0..50)
-        .map(|_| {
-            let url = serve.url().to_string();
-            let start = start.clone();
-            thread::spawn(move || {
-                start.wait();
-                pay(&url, "one-key", &body(4200))
-            })
-        })
-        .collect();
     let mut ids = Vec::new();
-    for h in handles {
-        let r = h.join().unwrap();
+    for r in concurrently(50, |_| pay(serve.url(), "one-key", &body(4200))) {
         match r.status {
             201 => ids.push(r.body["id"].as_str().unwrap().to_string()),
             409 => {

@@ -2,8 +2,6 @@
 
 use std::collections::HashMap;
 use std::process::Command;
-use std::sync::{Arc, Barrier};
-use std::thread;
 
 use crate::helpers::*;
 
@@ -89,17 +87,9 @@ fn metrics_parse_and_move_with_requests_sheds_and_the_breaker() {
     );
 
     assert_eq!(pay(serve.url(), "m-1", &body(100)).status, 201);
-    let start = Arc::new(Barrier::new(6));
-    let handles: Vec<_> = (0..6)
-        .map(|i| {
-            let (url, start) = (serve.url().to_string(), start.clone());
-            thread::spawn(move || {
-                start.wait();
-                pay(&url, &format!("m-burst-{i}"), &body(100)).status
-            })
-        })
-        .collect();
-    let statuses: Vec<u16> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let statuses: Vec<u16> = concurrently(6, |i| {
+        pay(serve.url(), &format!("m-burst-{i}"), &body(100)).status
+    });
     let shed = statuses.iter().filter(|s| **s == 503).count() as f64;
     let created = statuses.iter().filter(|s| **s == 201).count() as f64;
     assert!(shed >= 1.0, "{statuses:?}");
