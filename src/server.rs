@@ -9,8 +9,9 @@
 //! tiny_http has no read timeouts, so `SO_RCVTIMEO`/`SO_SNDTIMEO` are set on the listening
 //! socket (Linux copies them to every accepted socket) and a keeper thread connects to the
 //! listener every timeout/5, because the same receive timeout also bounds `accept()` and
-//! tiny_http's accept thread dies on its first error. If it dies anyway, `recv()` reports it and
-//! the process exits 1: a server that cannot accept must not look alive.
+//! tiny_http's accept thread dies on its first error. If it dies anyway — by an error `recv()`
+//! reports, or by a panic it never reports, which a prober sending requests through the real
+//! socket notices — the process exits 1: a server that cannot accept must not look alive.
 
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::panic::{self, AssertUnwindSafe};
@@ -66,7 +67,7 @@ pub fn run(app: Arc<App>, listener: TcpListener, stop: Arc<AtomicBool>) -> Resul
         background_stop.clone(),
         accept_dead.clone(),
     )?;
-    let lanes = Lanes {
+    let liveness = Liveness {
         probe_token: &probe_token,
         accept_dead: &accept_dead,
     };
@@ -85,7 +86,7 @@ pub fn run(app: Arc<App>, listener: TcpListener, stop: Arc<AtomicBool>) -> Resul
     }
     drop((rx, done_tx));
 
-    let result = dispatch(&app, &server, &control, tx, &done_rx, &stop, &lanes);
+    let result = dispatch(&app, &server, &control, tx, &done_rx, &stop, &liveness);
     background_stop.store(true, Ordering::SeqCst);
     let _ = keeper.join();
     let _ = prober.join();
@@ -94,7 +95,7 @@ pub fn run(app: Arc<App>, listener: TcpListener, stop: Arc<AtomicBool>) -> Resul
 
 /// What the dispatcher needs besides the app: how to recognise the liveness probe, and the
 /// flag the prober raises when probes stop coming through.
-struct Lanes<'a> {
+struct Liveness<'a> {
     probe_token: &'a str,
     accept_dead: &'a AtomicBool,
 }
@@ -114,7 +115,7 @@ fn dispatch(
     tx: channel::Sender<Job>,
     workers_done: &Receiver<()>,
     stop: &AtomicBool,
-    lanes: &Lanes,
+    liveness: &Liveness,
 ) -> Result<(), String> {
     let mut tx = Some(tx);
     // When the listener is to close (set at the signal), and when it did.
@@ -123,7 +124,7 @@ fn dispatch(
     let mut finished_before = 0;
     let mut workers_left = app.config.workers;
     loop {
-        if closed_at.is_none() && lanes.accept_dead.load(Ordering::SeqCst) {
+        if closed_at.is_none() && liveness.accept_dead.load(Ordering::SeqCst) {
             return Err(
                 "the accept thread stopped (liveness probes are no longer answered); exiting rather than looking alive"
                     .into(),
@@ -174,7 +175,7 @@ fn dispatch(
         match server.recv_timeout(POLL) {
             Ok(Some(request))
                 if request.url() == PROBE_PATH
-                    && http::header(&request, PROBE_HEADER) == Some(lanes.probe_token) =>
+                    && http::header(&request, PROBE_HEADER) == Some(liveness.probe_token) =>
             {
                 let _ = http::send(request, &Reply::text(204, "text/plain", ""), true);
             }
