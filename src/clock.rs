@@ -1,8 +1,8 @@
-//! Time as a collaborator: production code asks an injected [`Clock`], so the pure parts
-//! (deadline, rate limiter, breaker) are tested to the millisecond with a [`FakeClock`].
+//! Time as a collaborator: the server asks an injected [`Clock`], and hands the instant it got
+//! to the pure parts (deadline, rate limiter, breaker), which take `now` as an argument. Their
+//! unit tests are the fake clock: they pass instants they made up, to the millisecond.
 
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 pub trait Clock: Send + Sync {
     fn now(&self) -> Instant;
@@ -14,34 +14,5 @@ pub struct SystemClock;
 impl Clock for SystemClock {
     fn now(&self) -> Instant {
         Instant::now()
-    }
-}
-
-/// A clock that moves only when told to.
-pub struct FakeClock {
-    now: Mutex<Instant>,
-}
-
-impl FakeClock {
-    pub fn new() -> FakeClock {
-        FakeClock {
-            now: Mutex::new(Instant::now()),
-        }
-    }
-
-    pub fn advance(&self, by: Duration) {
-        *self.now.lock().unwrap_or_else(|e| e.into_inner()) += by;
-    }
-}
-
-impl Default for FakeClock {
-    fn default() -> Self {
-        FakeClock::new()
-    }
-}
-
-impl Clock for FakeClock {
-    fn now(&self) -> Instant {
-        *self.now.lock().unwrap_or_else(|e| e.into_inner())
     }
 }

@@ -167,10 +167,6 @@ impl Deadline {
         self.budget
     }
 
-    pub fn started(&self) -> Instant {
-        self.started
-    }
-
     pub fn expires_at(&self) -> Instant {
         self.started + self.budget
     }

@@ -66,13 +66,6 @@ impl Reply {
         self.headers.push((name.to_string(), value.into()));
         self
     }
-
-    pub fn header_value(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
 }
 
 /// A declared body larger than this can only be refused by leaking the request (see [`send`]).

@@ -165,10 +165,6 @@ impl ProviderClient {
         }
     }
 
-    pub fn base_url(&self) -> &str {
-        &self.base
-    }
-
     /// `POST /v1/charges` with `idempotency_key` (the payment id), waiting at most `timeout`.
     fn send_charge(&self, request: &ChargeRequest, timeout: Duration) -> ChargeOutcome {
         let ChargeRequest {

@@ -90,10 +90,6 @@ pub struct SimProvider {
 }
 
 impl SimProvider {
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
