@@ -177,24 +177,29 @@ fn metrics_parse_and_move_with_requests_sheds_and_the_breaker() {
     );
 }
 
+/// Runs `paytrace load` with `args` to completion.
+fn load(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_paytrace"))
+        .arg("load")
+        .args(args)
+        .output()
+        .expect("paytrace load runs")
+}
+
 #[test]
 fn paytrace_load_json_reports_the_counts_the_server_counted() {
     let serve = Serve::start(&["--rate-limit", "10000/s"]);
-    let out = Command::new(env!("CARGO_BIN_EXE_paytrace"))
-        .args([
-            "load",
-            "--url",
-            serve.url(),
-            "--requests",
-            "150",
-            "--concurrency",
-            "4",
-            "--replay-fraction",
-            "0.2",
-            "--json",
-        ])
-        .output()
-        .unwrap();
+    let out = load(&[
+        "--url",
+        serve.url(),
+        "--requests",
+        "150",
+        "--concurrency",
+        "4",
+        "--replay-fraction",
+        "0.2",
+        "--json",
+    ]);
     assert!(
         out.status.success(),
         "{}",
@@ -235,18 +240,14 @@ fn paytrace_load_json_reports_the_counts_the_server_counted() {
 #[test]
 fn paytrace_load_names_the_limit_it_hit() {
     let serve = Serve::start(&["--rate-limit", "5/s"]);
-    let out = Command::new(env!("CARGO_BIN_EXE_paytrace"))
-        .args([
-            "load",
-            "--url",
-            serve.url(),
-            "--requests",
-            "30",
-            "--concurrency",
-            "2",
-        ])
-        .output()
-        .unwrap();
+    let out = load(&[
+        "--url",
+        serve.url(),
+        "--requests",
+        "30",
+        "--concurrency",
+        "2",
+    ]);
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(

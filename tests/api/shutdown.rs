@@ -126,25 +126,38 @@ fn during_the_shutdown_delay_readiness_fails_while_payments_still_succeed() {
     );
 }
 
-#[test]
-fn a_second_signal_during_the_drain_exits_1_at_once() {
+/// A provider that takes 3 s and a server whose budget lets it wait 2.5 s for it: a payment
+/// stays in flight long enough to signal the server around it.
+fn slow_provider_server(extra: &[&str]) -> (Proc, Serve) {
     let provider = provider(&["--latency", "3s"]);
-    let mut serve = Serve::start(&[
+    let mut args = vec![
         "--provider-url",
         &provider.url,
         "--provider-timeout",
         "2500ms",
         "--request-timeout",
         "4s",
-    ]);
-    let start = Arc::new(Barrier::new(2));
-    let slow = pay_in_background(serve.url(), "slow-1", &start);
-    start.wait();
+    ];
+    args.extend_from_slice(extra);
+    let serve = Serve::start(&args);
+    (provider, serve)
+}
+
+fn wait_until_inside_the_provider(provider: &Proc) {
     eventually(
         Duration::from_secs(5),
         "the call is inside the provider",
         || (provider_stats(&provider.url)["requests"].as_u64() == Some(1)).then_some(()),
     );
+}
+
+#[test]
+fn a_second_signal_during_the_drain_exits_1_at_once() {
+    let (provider, mut serve) = slow_provider_server(&[]);
+    let start = Arc::new(Barrier::new(2));
+    let slow = pay_in_background(serve.url(), "slow-1", &start);
+    start.wait();
+    wait_until_inside_the_provider(&provider);
     serve.proc.signal("TERM");
     serve
         .proc
@@ -162,17 +175,7 @@ fn a_second_signal_during_the_drain_exits_1_at_once() {
 
 #[test]
 fn a_drain_longer_than_the_drain_timeout_exits_1_naming_the_unfinished_requests() {
-    let provider = provider(&["--latency", "3s"]);
-    let mut serve = Serve::start(&[
-        "--provider-url",
-        &provider.url,
-        "--provider-timeout",
-        "2500ms",
-        "--request-timeout",
-        "4s",
-        "--drain-timeout",
-        "300ms",
-    ]);
+    let (provider, mut serve) = slow_provider_server(&["--drain-timeout", "300ms"]);
     let url = serve.url().to_string();
     let slow = thread::spawn(move || {
         agent()
@@ -183,11 +186,7 @@ fn a_drain_longer_than_the_drain_timeout_exits_1_naming_the_unfinished_requests(
             .header("Content-Type", "application/json")
             .send(body(100).as_bytes())
     });
-    eventually(
-        Duration::from_secs(5),
-        "the call is inside the provider",
-        || (provider_stats(&provider.url)["requests"].as_u64() == Some(1)).then_some(()),
-    );
+    wait_until_inside_the_provider(&provider);
     serve.proc.signal("TERM");
     assert_eq!(serve.proc.wait_exit(Duration::from_secs(3)), Some(1));
     serve.proc.wait_for_log(
