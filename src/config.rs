@@ -105,9 +105,18 @@ pub struct ServeConfig {
     /// Request body limit (413 above it), e.g. 16KiB.
     #[arg(long = "max-body", env = "PAYTRACE_MAX_BODY", default_value = "16KiB", value_parser = parse_size)]
     pub max_body: u64,
-    /// Read/write timeout on every accepted socket: a client that stops sending is cut off.
+    /// How long a client has, in total, to send its whole request (and how long one write of the
+    /// answer may block): a client that stalls or trickles is cut off.
     #[arg(long = "socket-timeout", env = "PAYTRACE_SOCKET_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub socket_timeout: Duration,
+    /// Client connections served at once; one more is answered 503 and closed. Lowered at
+    /// start-up, with a warning, if the file-descriptor limit cannot hold this many.
+    #[arg(
+        long = "max-connections",
+        env = "PAYTRACE_MAX_CONNECTIONS",
+        default_value_t = 512
+    )]
+    pub max_connections: u32,
     /// The whole request's budget, from the moment it is read off the socket.
     #[arg(long = "request-timeout", env = "PAYTRACE_REQUEST_TIMEOUT", default_value = "3s", value_parser = parse_duration)]
     pub request_timeout: Duration,
@@ -230,6 +239,9 @@ impl ServeConfig {
         }
         if self.socket_timeout.is_zero() {
             return Err("socket-timeout must be greater than 0".into());
+        }
+        if self.max_connections == 0 {
+            return Err("max-connections must be greater than 0".into());
         }
         if self.max_body == 0 {
             return Err("max-body must be greater than 0".into());

@@ -42,8 +42,12 @@ pub enum ApiError {
     NotFound,
     #[error("this path does not support the method; allowed: {allow}")]
     MethodNotAllowed { allow: &'static str },
-    #[error("the request body did not arrive within the socket timeout")]
+    #[error("the request did not arrive in full within the socket timeout")]
     RequestTimeout,
+    #[error("only the Expect value 100-continue is supported")]
+    ExpectationFailed,
+    #[error("only HTTP/1.0 and HTTP/1.1 are served here")]
+    VersionNotSupported,
     #[error("a request with this Idempotency-Key is still being processed; retry shortly")]
     KeyInUse,
     #[error("the request body is larger than the limit of {limit} bytes")]
@@ -97,6 +101,8 @@ impl ApiError {
             ApiError::NotFound => 404,
             ApiError::MethodNotAllowed { .. } => 405,
             ApiError::RequestTimeout => 408,
+            ApiError::ExpectationFailed => 417,
+            ApiError::VersionNotSupported => 505,
             ApiError::KeyInUse => 409,
             ApiError::BodyTooLarge { .. } => 413,
             ApiError::UriTooLong => 414,
@@ -123,6 +129,8 @@ impl ApiError {
             ApiError::NotFound => "not-found",
             ApiError::MethodNotAllowed { .. } => "method-not-allowed",
             ApiError::RequestTimeout => "request-timeout",
+            ApiError::ExpectationFailed => "expectation-failed",
+            ApiError::VersionNotSupported => "http-version-not-supported",
             ApiError::KeyInUse => "idempotency-key-in-use",
             ApiError::BodyTooLarge { .. } => "body-too-large",
             ApiError::UriTooLong => "uri-too-long",
@@ -148,6 +156,8 @@ impl ApiError {
             ApiError::NotFound => "Not found",
             ApiError::MethodNotAllowed { .. } => "Method not allowed",
             ApiError::RequestTimeout => "Request timeout",
+            ApiError::ExpectationFailed => "Expectation failed",
+            ApiError::VersionNotSupported => "HTTP version not supported",
             ApiError::KeyInUse => "Idempotency-Key in use",
             ApiError::BodyTooLarge { .. } => "Request body too large",
             ApiError::UriTooLong => "Request line too long",

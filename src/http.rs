@@ -1,29 +1,20 @@
-//! Unit 01, accept and parse: the guards every request passes before it costs anything, and the
-//! one way a response leaves the process.
+//! Unit 01, parse: what the handlers need from a request tiny_http parsed, and the one way a
+//! response leaves the process.
 //!
-//! tiny_http parses the request line and headers but enforces no limits, so the limits of
-//! SPEC §3 are checked here, on what it parsed ([`check_head`]). The body limit is decided from
-//! `Content-Length` before a byte is read, and by counting for chunked bodies ([`read_body`]).
+//! The limits on what a client may send (sizes, framing, a total read deadline) are enforced
+//! earlier, by the front that owns the socket (`front.rs`); tiny_http only sees requests that
+//! passed them. Here: the body (read whole, refused over `--max-body`), the media type, the
+//! query string, the request id.
 //!
-//! Every response is written by [`send`] with `Connection: close`. That is the connection
-//! policy: tiny_http gives each open connection a thread from a pool that can queue a new
-//! connection behind threads still parked on idle keep-alive connections (NOTES-crates.md), so
-//! a connection that serves exactly one request can never make another client's connection
-//! wait. tiny_http's `Response::add_header` drops `Connection`, so the bytes are written here.
+//! Every response is written by [`send`] with `Connection: close`: one request per connection.
+//! tiny_http's `Response::add_header` drops `Connection`, so the bytes are written here.
 
 use std::io::{self, Read, Write};
 
 use serde::Serialize;
-use tiny_http::{Header, Request};
+use tiny_http::Request;
 
 use crate::error::ApiError;
-
-/// Longest request line accepted (414 above it).
-pub const MAX_REQUEST_LINE: usize = 8 * 1024;
-/// Largest header block accepted (431 above it).
-pub const MAX_HEADER_BYTES: usize = 16 * 1024;
-/// Most header fields accepted (431 above it).
-pub const MAX_HEADER_FIELDS: usize = 100;
 
 /// A response before it is written: status, headers and a complete body.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -68,51 +59,29 @@ impl Reply {
     }
 }
 
-/// A declared body larger than this can only be refused by leaking the request (see [`send`]).
-pub const ABSURD_BODY: u64 = 1 << 30;
-
-/// Writes `reply` and consumes the request.
-///
-/// Normally the response is written here with `Connection: close` (the connection policy
-/// above). One case cannot be: a refusal sent before a large body was read. tiny_http drains an
-/// unread body when the request is dropped, and `into_writer` drops it *before* handing out the
-/// writer, so the answer would wait for a body the client may never send. tiny_http's own
-/// `respond` writes first and drains after, so that path is used there; it cannot say
-/// `Connection: close`, but a client refused before sending its body closes anyway. A declared
-/// length beyond [`ABSURD_BODY`] is worse: the drain allocates the whole length and aborts the
-/// process. Such a request is leaked (never dropped, never answered) — one thread and one socket
-/// — because aborting would take every other request down with it. nginx in front refuses
-/// these before they arrive.
-pub fn send(request: Request, reply: &Reply, body_consumed: bool) -> io::Result<()> {
-    if !body_consumed {
-        match unread_body(&request) {
-            UnreadBody::None => {}
-            UnreadBody::Drainable => return respond_then_drain(request, reply),
-            UnreadBody::Absurd => {
-                log::warn!(
-                    "{} {}: a declared body of {} bytes cannot be drained; the request is parked unanswered",
-                    request.method(),
-                    request.url(),
-                    header(&request, "Content-Length").unwrap_or("?")
-                );
-                std::mem::forget(request);
-                return Ok(());
-            }
-        }
-    }
-    let head_only = *request.method() == tiny_http::Method::Head;
+/// The bytes of `reply` on the wire, always with `Connection: close` (see the module docs).
+pub fn encode(reply: &Reply, head_only: bool) -> Vec<u8> {
     let mut out = Vec::with_capacity(256 + reply.body.len());
     let reason = tiny_http::StatusCode(reply.status).default_reason_phrase();
-    write!(out, "HTTP/1.1 {} {}\r\n", reply.status, reason)?;
-    write!(out, "Content-Type: {}\r\n", reply.content_type)?;
-    write!(out, "Content-Length: {}\r\n", reply.body.len())?;
+    let _ = write!(out, "HTTP/1.1 {} {}\r\n", reply.status, reason);
+    let _ = write!(out, "Content-Type: {}\r\n", reply.content_type);
+    let _ = write!(out, "Content-Length: {}\r\n", reply.body.len());
     for (name, value) in &reply.headers {
-        write!(out, "{name}: {value}\r\n")?;
+        let _ = write!(out, "{name}: {value}\r\n");
     }
     out.extend_from_slice(b"Connection: close\r\n\r\n");
     if !head_only {
         out.extend_from_slice(&reply.body);
     }
+    out
+}
+
+/// Writes `reply` and consumes the request. The front handed tiny_http the whole body with an
+/// exact length, so whatever the handler left unread is already in the socket's buffer and
+/// tiny_http's drain of it (when `into_writer` drops the body reader) cannot wait on a client.
+pub fn send(request: Request, reply: &Reply) -> io::Result<()> {
+    let head_only = *request.method() == tiny_http::Method::Head;
+    let out = encode(reply, head_only);
     let mut writer = request.into_writer();
     let written = writer.write_all(&out).and_then(|_| writer.flush());
     match written {
@@ -131,39 +100,6 @@ pub fn send(request: Request, reply: &Reply, body_consumed: bool) -> io::Result<
     }
 }
 
-enum UnreadBody {
-    /// No body, or one tiny_http already read (≤ 1024 bytes without `Expect`).
-    None,
-    Drainable,
-    Absurd,
-}
-
-fn unread_body(request: &Request) -> UnreadBody {
-    let declared = header(request, "Content-Length").map(|v| v.trim().parse::<u64>());
-    let streamed =
-        header(request, "Transfer-Encoding").is_some() || header(request, "Expect").is_some();
-    match declared {
-        Some(Err(_)) => UnreadBody::Absurd,
-        Some(Ok(n)) if n > ABSURD_BODY => UnreadBody::Absurd,
-        Some(Ok(n)) if n > 1024 || (n > 0 && streamed) => UnreadBody::Drainable,
-        None if streamed => UnreadBody::Drainable,
-        _ => UnreadBody::None,
-    }
-}
-
-fn respond_then_drain(request: Request, reply: &Reply) -> io::Result<()> {
-    let mut response =
-        tiny_http::Response::from_data(reply.body.clone()).with_status_code(reply.status);
-    let headers = std::iter::once(("Content-Type", reply.content_type.as_str()))
-        .chain(reply.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-    for (name, value) in headers {
-        if let Ok(h) = Header::from_bytes(name.as_bytes(), value.as_bytes()) {
-            response.add_header(h);
-        }
-    }
-    request.respond(response)
-}
-
 /// The value of the first header called `name`, if any.
 pub fn header<'a>(request: &'a Request, name: &str) -> Option<&'a str> {
     request
@@ -171,37 +107,6 @@ pub fn header<'a>(request: &'a Request, name: &str) -> Option<&'a str> {
         .iter()
         .find(|h| h.field.as_str().as_str().eq_ignore_ascii_case(name))
         .map(|h| h.value.as_str())
-}
-
-/// The size limits of SPEC §3 on what tiny_http has parsed: 414 for a long request line,
-/// 431 for too many or too large headers.
-pub fn check_head(request: &Request) -> Result<(), ApiError> {
-    // "METHOD SP target SP HTTP/1.1": the method and version add at most ~20 bytes.
-    let line = request.method().as_str().len() + 1 + request.url().len() + 9;
-    if line > MAX_REQUEST_LINE {
-        return Err(ApiError::UriTooLong);
-    }
-    check_headers(request.headers())
-}
-
-fn check_headers(headers: &[Header]) -> Result<(), ApiError> {
-    if headers.len() > MAX_HEADER_FIELDS {
-        return Err(ApiError::HeadersTooLarge(format!(
-            "{} header fields; at most {MAX_HEADER_FIELDS} are accepted",
-            headers.len()
-        )));
-    }
-    // Each field is "name: value\r\n" on the wire.
-    let bytes: usize = headers
-        .iter()
-        .map(|h| h.field.as_str().as_str().len() + h.value.as_str().len() + 4)
-        .sum();
-    if bytes > MAX_HEADER_BYTES {
-        return Err(ApiError::HeadersTooLarge(format!(
-            "the header block is {bytes} bytes; at most {MAX_HEADER_BYTES} are accepted"
-        )));
-    }
-    Ok(())
 }
 
 /// 415 unless the body is declared `application/json` (parameters such as charset allowed).
@@ -318,24 +223,6 @@ pub fn is_visible_ascii(s: &str, max: usize) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn header_blocks_over_the_limits_are_refused() {
-        let h = |n: usize, len: usize| -> Vec<Header> {
-            (0..n)
-                .map(|i| Header::from_bytes(format!("X-{i}").as_bytes(), vec![b'a'; len]).unwrap())
-                .collect()
-        };
-        assert!(check_headers(&h(100, 10)).is_ok());
-        assert!(matches!(
-            check_headers(&h(101, 1)),
-            Err(ApiError::HeadersTooLarge(_))
-        ));
-        assert!(matches!(
-            check_headers(&h(2, 9000)),
-            Err(ApiError::HeadersTooLarge(_))
-        ));
-    }
 
     #[test]
     fn queries_decode() {

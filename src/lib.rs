@@ -5,7 +5,7 @@
 //!
 //! | unit | mechanism | where |
 //! |---|---|---|
-//! | 01 | accept and parse: body and header limits, backpressure | [`server::run`], [`http::check_head`], [`http::read_body`] |
+//! | 01 | accept and parse: a total read deadline, size and framing limits, backpressure | [`front`] (`read_request`), [`server::run`], [`http::read_body`] |
 //! | 02 | middleware and dependency injection | [`middleware`], [`app::App`] |
 //! | 03 | a bounded worker pool instead of an event loop | [`server::run`] (dispatcher + `worker`) |
 //! | 04 | the connection pool with an acquisition timeout | [`db::Db::acquire`], [`db::Db::writer`] |
@@ -17,7 +17,7 @@
 //! order is [`payments::create`]. Around them: [`metrics`] (`GET /metrics`), [`provider::sim`]
 //! (`paytrace provider`), [`load`] (`paytrace load`) and [`bench`](mod@bench) (`paytrace bench`).
 //!
-//! Suggested reading order for one request: [`server::run`] → [`middleware::protect`] →
+//! Suggested reading order for one request: [`front`] → [`server::run`] → [`middleware::protect`] →
 //! [`payments::create`] → [`db::Db::writer`] → [`idempotency::claim`] →
 //! [`provider::client::ProviderClient::charge`] → [`idempotency::persist`] → [`shutdown`].
 
@@ -29,6 +29,7 @@ pub mod config;
 pub mod db;
 pub mod deadline;
 pub mod error;
+pub mod front;
 pub mod http;
 pub mod idempotency;
 pub mod ids;

@@ -56,15 +56,28 @@ pub struct Ctx {
 
 impl Ctx {
     pub fn new(request: &Request, received: Instant, budget: Duration) -> Ctx {
+        Ctx::bare(
+            http::request_id(request),
+            request.method().as_str(),
+            request.url(),
+            received,
+            budget,
+        )
+    }
+
+    /// A context from plain parts, for requests the front answers before tiny_http sees them.
+    pub fn bare(
+        request_id: String,
+        method: &str,
+        target: &str,
+        received: Instant,
+        budget: Duration,
+    ) -> Ctx {
         let started = Instant::now();
         let mut ctx = Ctx {
-            request_id: http::request_id(request),
-            method: request.method().as_str().to_string(),
-            path: http::split_target(request.url())
-                .0
-                .chars()
-                .take(200)
-                .collect(),
+            request_id,
+            method: method.to_string(),
+            path: http::split_target(target).0.chars().take(200).collect(),
             received,
             started,
             deadline: Deadline::new(received, budget),

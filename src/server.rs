@@ -1,20 +1,21 @@
 //! The dispatcher and the bounded worker pool: the request path, top to bottom.
 //!
 //! ```text
-//! socket → tiny_http (parse) → dispatcher ──try_send──▶ [bounded queue] ──▶ N workers
-//!                                  └─ full: 503 overloaded at once         └─ handle(): guards,
-//!                                                                             middleware, handler
+//! socket → front (limits, total read deadline) → tiny_http (parse) → dispatcher
+//!            └─ refuses malformed or slow requests        ──try_send──▶ [bounded queue] ──▶ N workers
+//!                                       full: 503 overloaded at once ─┘    └─ handle(): middleware, handler
 //! ```
 //!
-//! tiny_http has no read timeouts, so `SO_RCVTIMEO`/`SO_SNDTIMEO` are set on the listening
-//! socket (Linux copies them to every accepted socket) and a keeper thread connects to the
-//! listener every timeout/5, because the same receive timeout also bounds `accept()` and
-//! tiny_http's accept thread dies on its first error. If it dies anyway — by an error `recv()`
-//! reports, or by a panic it never reports, which a prober sending requests through the real
-//! socket notices — the process exits 1: a server that cannot accept must not look alive.
+//! The front (`front.rs`) owns the client sockets and hands tiny_http complete requests over a
+//! unix socket in a private directory. If tiny_http's accept thread dies anyway — by an error
+//! `recv()` reports, or by a panic it never reports, which a prober sending requests through
+//! that unix socket notices — or the front's accept loop stops, the process exits 1: a server
+//! that cannot accept must not look alive.
 
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::panic::{self, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
@@ -22,7 +23,6 @@ use std::time::{Duration, Instant};
 
 use crossbeam::channel::{self, Receiver, TrySendError};
 use serde_json::json;
-use socket2::SockRef;
 use tiny_http::{Method, Request};
 
 use crate::app::App;
@@ -30,6 +30,7 @@ use crate::breaker::State;
 use crate::config::LogFormat;
 use crate::deadline::Step;
 use crate::error::ApiError;
+use crate::front::{self, Front, Limits};
 use crate::http::{self, Reply};
 use crate::middleware::{self, Ctx};
 use crate::payments;
@@ -38,38 +39,75 @@ use crate::ratelimit::RateLimiter;
 /// A request read off the socket, waiting for a worker.
 struct Job {
     request: Request,
-    /// When the dispatcher took it from tiny_http: the deadline starts here.
+    /// When the front finished reading it off the socket: the deadline starts here.
     received: Instant,
 }
 
 /// How often the dispatcher looks at the stop flag while no request arrives.
 const POLL: Duration = Duration::from_millis(50);
 
+/// A directory only this user can enter, holding the unix socket between the front and
+/// tiny_http; removed when dropped.
+struct PrivateDir(PathBuf);
+
+impl PrivateDir {
+    fn create() -> Result<PrivateDir, String> {
+        let path = std::env::temp_dir().join(format!(
+            "paytrace-{}-{}",
+            std::process::id(),
+            crate::ids::request_id()
+        ));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+        Ok(PrivateDir(path))
+    }
+}
+
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Serves on `listener` until `stop` is set, then drains and returns.
-pub fn run(app: Arc<App>, listener: TcpListener, stop: Arc<AtomicBool>) -> Result<(), String> {
-    let timeout = app.config.socket_timeout;
-    let sock = SockRef::from(&listener);
-    sock.set_read_timeout(Some(timeout))
-        .and_then(|_| sock.set_write_timeout(Some(timeout)))
-        .map_err(|e| format!("cannot set socket timeouts: {e}"))?;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let control = listener.try_clone().map_err(|e| e.to_string())?;
-    let server = tiny_http::Server::from_listener(listener, None).map_err(|e| e.to_string())?;
+pub fn run(
+    app: Arc<App>,
+    listener: std::net::TcpListener,
+    stop: Arc<AtomicBool>,
+) -> Result<(), String> {
+    let dir = PrivateDir::create()?;
+    let socket = dir.0.join("tiny_http.sock");
+    let inner = UnixListener::bind(&socket)
+        .map_err(|e| format!("cannot bind {}: {e}", socket.display()))?;
+    let server = tiny_http::Server::from_listener(inner, None).map_err(|e| e.to_string())?;
+    // Descriptors besides the connections': SQLite keeps three per pooled connection (database,
+    // WAL, shared memory), the provider client one per worker, and a margin for the rest.
+    let reserved = 64 + 3 * u64::from(app.config.pool_size) + 2 * u64::from(app.config.workers);
+    let max_connections = front::fit_connections(app.config.max_connections as usize, reserved)?;
+    let limits = Limits {
+        socket_timeout: app.config.socket_timeout,
+        max_body: app.config.max_body,
+        max_connections,
+        answer_timeout: app.config.drain_timeout() + app.config.request_timeout,
+    };
+    let (front, accept) = front::start(app.clone(), listener, socket.clone(), limits)
+        .map_err(|e| format!("cannot start the accept loop: {e}"))?;
 
     let background_stop = Arc::new(AtomicBool::new(false));
     let accept_dead = Arc::new(AtomicBool::new(false));
     let probe_token = crate::ids::request_id();
-    let keeper = spawn_accept_keeper(addr, timeout, background_stop.clone())?;
     let prober = spawn_accept_prober(
-        addr,
+        socket,
         probe_token.clone(),
-        timeout,
         background_stop.clone(),
         accept_dead.clone(),
     )?;
     let liveness = Liveness {
         probe_token: &probe_token,
         accept_dead: &accept_dead,
+        front: &front,
     };
 
     let (tx, rx) = channel::bounded::<Job>(app.config.queue as usize);
@@ -86,18 +124,20 @@ pub fn run(app: Arc<App>, listener: TcpListener, stop: Arc<AtomicBool>) -> Resul
     }
     drop((rx, done_tx));
 
-    let result = dispatch(&app, &server, &control, tx, &done_rx, &stop, &liveness);
+    let result = dispatch(&app, &server, tx, &done_rx, &stop, &liveness);
     background_stop.store(true, Ordering::SeqCst);
-    let _ = keeper.join();
+    front.close_listener();
+    let _ = accept.join();
     let _ = prober.join();
     result
 }
 
-/// What the dispatcher needs besides the app: how to recognise the liveness probe, and the
-/// flag the prober raises when probes stop coming through.
+/// What the dispatcher needs besides the app: the front, how to recognise the liveness probe,
+/// and the flag the prober raises when probes stop coming through.
 struct Liveness<'a> {
     probe_token: &'a str,
     accept_dead: &'a AtomicBool,
+    front: &'a Front,
 }
 
 /// The path of the liveness probe; answered by the dispatcher only with the right token.
@@ -105,13 +145,13 @@ const PROBE_PATH: &str = "/__paytrace/accept-probe";
 const PROBE_HEADER: &str = "X-Paytrace-Probe";
 
 /// Takes requests from tiny_http and `try_send`s them to the workers, until a signal has been
-/// followed through shutdown steps 1–3 (src/shutdown.rs): readiness fails, after the delay the
-/// listener closes and the queue is closed, and the workers finish. It keeps answering while
-/// they do: whatever still arrives on connections accepted earlier gets 503 `shutting-down`.
+/// followed through shutdown steps 1–3 (src/shutdown.rs): readiness fails; after the delay the
+/// front stops accepting; every connection it had accepted is served (its request may arrive
+/// after the listener closed: it is in flight all the same); then the queue is closed and the
+/// workers finish.
 fn dispatch(
     app: &App,
     server: &tiny_http::Server,
-    control: &TcpListener,
     tx: channel::Sender<Job>,
     workers_done: &Receiver<()>,
     stop: &AtomicBool,
@@ -130,6 +170,11 @@ fn dispatch(
                     .into(),
             );
         }
+        if let Some(why) = liveness.front.death() {
+            return Err(format!(
+                "the accept thread stopped ({why}); exiting rather than looking alive"
+            ));
+        }
         if close_at.is_none() && stop.load(Ordering::SeqCst) {
             // Step 1: readiness fails at once.
             app.draining.store(true, Ordering::SeqCst);
@@ -141,14 +186,20 @@ fn dispatch(
             );
         }
         if closed_at.is_none() && close_at.is_some_and(|t| Instant::now() >= t) {
-            // Step 2: new connections are refused from now on. Closing the queue lets the
-            // workers finish what it holds, then return (step 3).
-            let _ = SockRef::from(control).shutdown(Shutdown::Both);
-            tx = None;
+            // Step 2: new connections are refused from now on; the ones accepted are served.
+            liveness.front.close_listener();
             closed_at = Some(Instant::now());
-            log::info!("listener closed; draining");
+            log::info!(
+                "listener closed; draining {} open connections",
+                liveness.front.open_connections()
+            );
         }
         if let Some(closed) = closed_at {
+            // Step 3: once no accepted connection can bring another request, close the queue;
+            // the workers finish what it holds, then return.
+            if tx.is_some() && liveness.front.open_connections() == 0 {
+                tx = None;
+            }
             while workers_left > 0 && workers_done.try_recv().is_ok() {
                 workers_left -= 1;
             }
@@ -166,9 +217,10 @@ fn dispatch(
                     log::error!("drain: unfinished: {line}");
                 }
                 return Err(format!(
-                    "the drain took longer than --drain-timeout {} ms; {} requests unfinished",
+                    "the drain took longer than --drain-timeout {} ms; {} requests unfinished, {} connections open",
                     app.config.drain_timeout().as_millis(),
-                    unfinished.len()
+                    unfinished.len(),
+                    liveness.front.open_connections()
                 ));
             }
         }
@@ -177,13 +229,13 @@ fn dispatch(
                 if request.url() == PROBE_PATH
                     && http::header(&request, PROBE_HEADER) == Some(liveness.probe_token) =>
             {
-                let _ = http::send(request, &Reply::text(204, "text/plain", ""), true);
+                let _ = http::send(request, &Reply::text(204, "text/plain", ""));
             }
             Ok(Some(request)) => {
-                let job = Job {
-                    request,
-                    received: app.clock.now(),
-                };
+                let received = http::header(&request, front::RECEIVED_HEADER)
+                    .and_then(front::received_at)
+                    .map_or_else(|| app.clock.now(), |t| t.min(app.clock.now()));
+                let job = Job { request, received };
                 let Some(queue) = &tx else {
                     refuse(app, job, ApiError::ShuttingDown, "shutting_down");
                     continue;
@@ -206,8 +258,6 @@ fn dispatch(
                 app.metrics.queue_depth.set(queue.len() as i64);
             }
             Ok(None) => {}
-            // The accept thread's end, expected once the listener is closed.
-            Err(_) if closed_at.is_some() => {}
             Err(e) => {
                 return Err(format!(
                     "the accept thread stopped ({e}); exiting rather than looking alive"
@@ -217,43 +267,22 @@ fn dispatch(
     }
 }
 
-/// Connects to the listener every timeout/5: `SO_RCVTIMEO` on the listener also bounds
-/// `accept()`, and tiny_http's accept thread ends on its first error, so accept() must never
-/// wait that long.
-fn spawn_accept_keeper(
-    addr: std::net::SocketAddr,
-    timeout: Duration,
-    stop: Arc<AtomicBool>,
-) -> Result<thread::JoinHandle<()>, String> {
-    thread::Builder::new()
-        .name("accept-keeper".into())
-        .spawn(move || {
-            while !stop.load(Ordering::SeqCst) {
-                // Only the accept() wake-up matters; the connection is closed at once.
-                let _ = TcpStream::connect_timeout(&addr, Duration::from_secs(1));
-                thread::sleep(timeout / 5);
-            }
-        })
-        .map_err(|e| e.to_string())
-}
-
-/// Sends a request through the real socket every second; the dispatcher answers it at once. If
-/// three in a row get no answer, tiny_http's accept thread is gone (it can also die by panic,
-/// which `recv()` never reports) and the process must exit rather than look alive.
+/// Sends a request through tiny_http's unix socket every second; the dispatcher answers it at
+/// once. If three in a row get no answer, tiny_http's accept thread is gone (it can also die by
+/// panic, which `recv()` never reports) and the process must exit rather than look alive.
 fn spawn_accept_prober(
-    addr: std::net::SocketAddr,
+    socket: PathBuf,
     token: String,
-    timeout: Duration,
     stop: Arc<AtomicBool>,
     dead: Arc<AtomicBool>,
 ) -> Result<thread::JoinHandle<()>, String> {
-    let wait = timeout.clamp(Duration::from_millis(500), Duration::from_secs(2));
+    let wait = Duration::from_secs(2);
     thread::Builder::new()
         .name("accept-prober".into())
         .spawn(move || {
             let mut failures = 0;
             while !stop.load(Ordering::SeqCst) {
-                if probe(addr, &token, wait) {
+                if probe(&socket, &token, wait) {
                     failures = 0;
                 } else if !stop.load(Ordering::SeqCst) {
                     failures += 1;
@@ -272,15 +301,16 @@ fn spawn_accept_prober(
         .map_err(|e| e.to_string())
 }
 
-fn probe(addr: std::net::SocketAddr, token: &str, wait: Duration) -> bool {
+fn probe(socket: &Path, token: &str, wait: Duration) -> bool {
     use std::io::{Read, Write};
-    let Ok(mut s) = TcpStream::connect_timeout(&addr, wait) else {
+    let Ok(mut s) = UnixStream::connect(socket) else {
         return false;
     };
     let _ = s.set_read_timeout(Some(wait));
     let _ = s.set_write_timeout(Some(wait));
-    let request =
-        format!("GET {PROBE_PATH} HTTP/1.1\r\nHost: probe\r\n{PROBE_HEADER}: {token}\r\n\r\n");
+    let request = format!(
+        "GET {PROBE_PATH} HTTP/1.1\r\nHost: probe\r\n{PROBE_HEADER}: {token}\r\nConnection: close\r\n\r\n"
+    );
     if s.write_all(request.as_bytes()).is_err() {
         return false;
     }
@@ -339,7 +369,6 @@ pub fn guarded(request_id: &str, f: impl FnOnce() -> Result<Reply, ApiError>) ->
 }
 
 fn route(app: &App, ctx: &mut Ctx, request: &mut Request) -> Result<Reply, ApiError> {
-    http::check_head(request)?;
     let (path, query) = http::split_target(request.url());
     let (path, query) = (path.to_string(), query.to_string());
     let method = request.method().clone();
@@ -414,13 +443,42 @@ fn finish_and_send(app: &App, ctx: &Ctx, request: Request, mut reply: Reply) {
             .header("RateLimit", RateLimiter::state_header(decision));
     }
     let status = reply.status;
-    record_metrics(app, ctx, status, total);
-    if let Err(e) = http::send(request, &reply, ctx.body_consumed) {
+    record_metrics(app, ctx, status, total, true);
+    if let Err(e) = http::send(request, &reply) {
         log::debug!("{}: writing the response failed: {e}", ctx.request_id);
     }
     access_log(
         app.config.log_format,
         ctx,
+        status,
+        total,
+        app.provider.breaker_state(),
+    );
+}
+
+/// Counts and logs a request the front answered itself (malformed, too slow, too large, or one
+/// connection too many): the same metrics and access-log line as every other request.
+pub fn observe_refusal(
+    app: &App,
+    request_id: &str,
+    method: &str,
+    target: &str,
+    status: u16,
+    total: Duration,
+    shed: Option<&'static str>,
+) {
+    let mut ctx = Ctx::bare(
+        request_id.to_string(),
+        method,
+        target,
+        Instant::now(),
+        app.config.request_timeout,
+    );
+    ctx.shed = shed;
+    record_metrics(app, &ctx, status, total, false);
+    access_log(
+        app.config.log_format,
+        &ctx,
         status,
         total,
         app.provider.breaker_state(),
@@ -440,7 +498,8 @@ fn route_label(ctx: &Ctx) -> &'static str {
     }
 }
 
-fn record_metrics(app: &App, ctx: &Ctx, status: u16, total: Duration) {
+/// `steps`: whether the request went through the steps (the front's refusals did not).
+fn record_metrics(app: &App, ctx: &Ctx, status: u16, total: Duration, steps: bool) {
     let m = &app.metrics;
     let route = route_label(ctx);
     m.http_requests
@@ -449,7 +508,7 @@ fn record_metrics(app: &App, ctx: &Ctx, status: u16, total: Duration) {
     m.http_duration
         .with_label_values(&[route])
         .observe(total.as_secs_f64());
-    if route == "POST /payments" && ctx.shed.is_none() {
+    if steps && route == "POST /payments" && ctx.shed.is_none() {
         for step in Step::ALL {
             m.step_duration
                 .with_label_values(&[step.name()])

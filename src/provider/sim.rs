@@ -173,7 +173,7 @@ fn handle(state: &State, mut request: Request) {
         (_, "/v1/charges" | "/v1/stats" | "/_control/faults") => error(405, "method_not_allowed"),
         _ => error(404, "not_found"),
     };
-    let _ = http::send(request, &reply, false);
+    let _ = http::send(request, &reply);
 }
 
 fn current_faults(state: &State) -> Faults {
@@ -267,7 +267,7 @@ fn create_charge(state: &State, mut request: Request) {
         .ok()
         .and_then(|b| serde_json::from_slice::<ChargeRequest>(&b).ok());
     let (Some(key), Some(input)) = (key, parsed) else {
-        let _ = http::send(request, &error(400, "invalid_request"), false);
+        let _ = http::send(request, &error(400, "invalid_request"));
         return;
     };
     let faults = current_faults(state);
@@ -289,7 +289,7 @@ fn create_charge(state: &State, mut request: Request) {
         }
     };
     if delay.is_zero() {
-        let _ = http::send(request, &reply, true);
+        let _ = http::send(request, &reply);
     } else {
         state.timer.park(request, Some(reply), delay);
     }
@@ -355,7 +355,7 @@ impl Timer {
                     drop(q);
                     match parked {
                         Some((request, Some(reply))) => {
-                            let _ = http::send(request, &reply, true);
+                            let _ = http::send(request, &reply);
                         }
                         // A hung request is dropped unanswered by us; tiny_http closes it.
                         Some((request, None)) => drop(request),

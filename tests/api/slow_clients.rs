@@ -1,5 +1,5 @@
-//! tiny_http has no read timeouts of its own: the socket timeouts set on the listener must cut
-//! off clients that stop sending, and a dead accept thread must end the process.
+//! Clients that stop sending are cut off by the front's total read deadline; the number of
+//! connections is bounded by what the open-files limit can hold.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -71,12 +71,29 @@ fn the_server_keeps_accepting_after_idling_longer_than_the_socket_timeout() {
 }
 
 #[test]
-fn a_dead_accept_thread_ends_the_process_with_exit_1() {
-    // With a low file limit, accept() fails with EMFILE and tiny_http's accept thread ends.
+fn an_open_files_limit_too_small_for_one_connection_is_refused_at_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("p.db");
+    let out = Command::new("prlimit")
+        .args(["--nofile=48:48", env!("CARGO_BIN_EXE_paytrace")])
+        .args(["serve", "--addr", "127.0.0.1:0", "--db"])
+        .arg(&db)
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert!(log.contains("open-files limit 48"), "{log}");
+}
+
+#[test]
+fn connections_beyond_what_the_open_files_limit_holds_get_a_503_and_the_server_lives_on() {
+    let _serial = exclusive();
+    // 200 descriptors: 64 + 3 × pool 2 + 2 × workers 2 = 74 for the server, 3 per connection:
+    // room for 42 connections.
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("p.db");
     let mut cmd = Command::new("prlimit");
-    cmd.args(["--nofile=48:48", env!("CARGO_BIN_EXE_paytrace")]);
+    cmd.args(["--nofile=200:200", env!("CARGO_BIN_EXE_paytrace")]);
     let mut proc = Proc::start_with(
         cmd,
         &[
@@ -90,16 +107,45 @@ fn a_dead_accept_thread_ends_the_process_with_exit_1() {
             "--workers",
             "2",
             "--socket-timeout",
-            "1s",
+            "3s",
         ],
     );
-    let mut held = Vec::new();
-    for _ in 0..80 {
-        if let Ok(s) = TcpStream::connect(proc.addr) {
-            held.push(s);
-        }
-    }
-    let code = proc.wait_exit(Duration::from_secs(20));
-    assert_eq!(code, Some(1), "log:\n{}", proc.log_text());
-    proc.wait_for_log("accept thread stopped", Duration::from_secs(2));
+    proc.wait_for_log("holds 42 connections", Duration::from_secs(5));
+    // 80 idle connections at once: 42 are held (each waits for its request), the other 38 are
+    // answered 503 at once.
+    let conns: Vec<TcpStream> = (0..80)
+        .map(|_| {
+            let s = TcpStream::connect(proc.addr).unwrap();
+            s.set_nonblocking(true).unwrap();
+            s
+        })
+        .collect();
+    let answered = |conns: &[TcpStream]| {
+        conns
+            .iter()
+            .filter(|s| {
+                let mut head = [0u8; 12];
+                matches!(s.peek(&mut head), Ok(12) if &head == b"HTTP/1.1 503")
+            })
+            .count()
+    };
+    eventually(
+        Duration::from_secs(3),
+        "38 connections answered 503",
+        || (answered(&conns) >= 38).then_some(()),
+    );
+    assert_eq!(answered(&conns), 38, "{}", proc.log_text());
+    let held = conns;
+    drop(held);
+    let url = format!("http://{}", proc.addr);
+    let r = eventually(Duration::from_secs(5), "a payment after the flood", || {
+        let r = pay(&url, "after-the-flood", &body(100));
+        (r.status == 201).then_some(r)
+    });
+    assert_eq!(r.status, 201);
+    assert_eq!(
+        proc.wait_exit(Duration::from_millis(100)),
+        None,
+        "still running"
+    );
 }
