@@ -86,6 +86,18 @@ pub fn run(
     // WAL, shared memory), the provider client one per worker, and a margin for the rest.
     let reserved = 64 + 3 * u64::from(app.config.pool_size) + 2 * u64::from(app.config.workers);
     let max_connections = front::fit_connections(app.config.max_connections as usize, reserved)?;
+    if let Ok(addr) = listener.local_addr()
+        && !addr.ip().is_loopback()
+    {
+        log::warn!(
+            "listening on {addr}, beyond this machine: each client may hold one of {max_connections} \
+             connections for up to --socket-timeout {} ms and {} KiB of memory; there is no per-client \
+             connection limit or TLS here — put nginx in front (data/nginx/paytrace.conf)",
+            app.config.socket_timeout.as_millis(),
+            (front::MAX_REQUEST_LINE as u64 + front::MAX_HEADER_BYTES as u64 + app.config.max_body)
+                / 1024
+        );
+    }
     let limits = Limits {
         socket_timeout: app.config.socket_timeout,
         max_body: app.config.max_body,
