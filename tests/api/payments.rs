@@ -117,7 +117,10 @@ fn the_list_limit_is_1_to_100_and_anything_else_is_a_400_naming_limit() {
     let serve = Serve::start(&[]);
     // Twelve payments: more than the default page of 10, so `limit=100` shows it is applied.
     for i in 0..12 {
-        assert_eq!(pay(serve.url(), &format!("lim-{i}"), &body(100)).status, 201);
+        assert_eq!(
+            pay(serve.url(), &format!("lim-{i}"), &body(100)).status,
+            201
+        );
     }
     let list = |q: &str| get(&format!("{}/payments?{q}", serve.url()));
     for q in ["limit=0", "limit=101", "limit=abc", "limit=-1", "limit="] {
@@ -129,7 +132,10 @@ fn the_list_limit_is_1_to_100_and_anything_else_is_a_400_naming_limit() {
     let page = |q: &str| {
         let r = list(q);
         assert_eq!(r.status, 200, "{q}: {}", r.body);
-        (r.body["data"].as_array().unwrap().len(), r.body["has_more"].clone())
+        (
+            r.body["data"].as_array().unwrap().len(),
+            r.body["has_more"].clone(),
+        )
     };
     assert_eq!(page("limit=1"), (1, serde_json::json!(true)));
     assert_eq!(page("limit=100"), (12, serde_json::json!(false)));

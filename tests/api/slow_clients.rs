@@ -84,7 +84,10 @@ fn the_server_keeps_accepting_after_idling_longer_than_the_socket_timeout() {
     // A dead accept() leaves connections unaccepted: the call would time out, not answer.
     let (status, took) = healthz();
     assert_eq!(status, Some(200), "no answer after the silence ({took:?})");
-    assert!(took < Duration::from_secs(1), "answered only after {took:?}");
+    assert!(
+        took < Duration::from_secs(1),
+        "answered only after {took:?}"
+    );
 }
 
 #[test]
