@@ -107,6 +107,11 @@ impl Proc {
         assert!(ok, "kill -{sig} failed");
     }
 
+    /// The process id (for reading `/proc/PID/…`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn log_text(&self) -> String {
         self.log.lock().unwrap().join("\n")
     }
@@ -402,4 +407,25 @@ pub fn eventually<T>(within: Duration, what: &str, mut f: impl FnMut() -> Option
         assert!(Instant::now() < deadline, "not within {within:?}: {what}");
         thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// What a process holds right now, from `/proc`: its thread count (`Threads:` in
+/// `/proc/PID/status`) and its open file descriptors (entries of `/proc/PID/fd`).
+pub fn threads_and_fds(pid: u32) -> (usize, usize) {
+    let threads = proc_status_field(pid, "Threads:").unwrap_or(0) as usize;
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    (threads, fds)
+}
+
+/// The resident memory of a process in KiB (`VmRSS:` in `/proc/PID/status`); 0 once it is gone.
+pub fn rss_kib(pid: u32) -> u64 {
+    proc_status_field(pid, "VmRSS:").unwrap_or(0)
+}
+
+fn proc_status_field(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    line[field.len()..].split_whitespace().next()?.parse().ok()
 }

@@ -6,6 +6,7 @@ mod backpressure;
 mod breaker;
 mod budget;
 mod guards;
+mod hostile;
 mod idempotency;
 mod middleware;
 mod nginx;

@@ -105,11 +105,41 @@ fn payments_list_newest_first_in_pages_and_only_for_their_owner() {
         .status()
         .as_u16();
     assert_eq!(status, 404);
-    let bad = get(&format!("{}/payments?limit=0", serve.url()));
+    let dev = get(&format!("{}/payments", serve.url()));
     assert_eq!(
-        bad.status, 401,
+        dev.status, 401,
         "the dev key is not accepted when keys are configured"
     );
+}
+
+#[test]
+fn the_list_limit_is_1_to_100_and_anything_else_is_a_400_naming_limit() {
+    let serve = Serve::start(&[]);
+    // Twelve payments: more than the default page of 10, so `limit=100` shows it is applied.
+    for i in 0..12 {
+        assert_eq!(
+            pay(serve.url(), &format!("lim-{i}"), &body(100)).status,
+            201
+        );
+    }
+    let list = |q: &str| get(&format!("{}/payments?{q}", serve.url()));
+    for q in ["limit=0", "limit=101", "limit=abc", "limit=-1", "limit="] {
+        let r = list(q);
+        assert_eq!(r.status, 400, "{q}: {}", r.body);
+        assert_eq!(r.body["code"], "invalid-request", "{q}");
+        assert_eq!(r.body["errors"][0]["field"], "limit", "{q}: {}", r.body);
+    }
+    let page = |q: &str| {
+        let r = list(q);
+        assert_eq!(r.status, 200, "{q}: {}", r.body);
+        (
+            r.body["data"].as_array().unwrap().len(),
+            r.body["has_more"].clone(),
+        )
+    };
+    assert_eq!(page("limit=1"), (1, serde_json::json!(true)));
+    assert_eq!(page("limit=100"), (12, serde_json::json!(false)));
+    assert_eq!(page(""), (10, serde_json::json!(true)), "the default is 10");
 }
 
 #[test]
