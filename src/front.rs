@@ -29,6 +29,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use crossbeam::channel::{Receiver, RecvTimeoutError, Sender};
 use socket2::SockRef;
 
 use crate::app::App;
@@ -50,6 +51,8 @@ const MAX_CHUNK_LINE: usize = 1024;
 const LINGER: Duration = Duration::from_millis(500);
 /// After the listener closed, how long a connection that has sent nothing yet is waited for.
 const IDLE_GRACE_AT_SHUTDOWN: Duration = Duration::from_secs(1);
+/// How long a connection thread waits for another connection before it ends.
+const IDLE_THREAD: Duration = Duration::from_secs(2);
 /// Stack of a connection thread: the buffers live on the heap.
 const CONNECTION_STACK: usize = 256 * 1024;
 /// File descriptors one connection can hold at once: the client socket, and both ends of the
@@ -192,6 +195,8 @@ pub fn start(
         front: front.clone(),
         backend,
         limits,
+        idle: AtomicUsize::new(0),
+        handoff: crossbeam::channel::unbounded(),
     });
     let _ = front.shared.set(Arc::downgrade(&shared));
     let handle = thread::Builder::new()
@@ -206,6 +211,10 @@ struct Shared {
     front: Arc<Front>,
     backend: PathBuf,
     limits: Limits,
+    /// Connection threads waiting for another connection, not yet promised one.
+    idle: AtomicUsize,
+    /// How [`admit`] hands a connection to an idle thread.
+    handoff: (Sender<TcpStream>, Receiver<TcpStream>),
 }
 
 fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener) {
@@ -246,18 +255,50 @@ fn admit(shared: &Arc<Shared>, stream: TcpStream) {
         return;
     }
     front.open.fetch_add(1, Ordering::SeqCst);
+    // A thread that finished its last connection takes this one if there is one: reserving it
+    // first makes sure some idle thread is still there to receive it.
+    if take_one(&shared.idle) {
+        if shared.handoff.0.send(stream).is_err() {
+            front.open.fetch_sub(1, Ordering::SeqCst);
+        }
+        return;
+    }
     let for_thread = shared.clone();
     let spawned = thread::Builder::new()
         .name("conn".into())
         .stack_size(CONNECTION_STACK)
-        .spawn(move || {
-            serve_connection(&for_thread, stream);
-            for_thread.front.open.fetch_sub(1, Ordering::SeqCst);
-        });
+        .spawn(move || connection_thread(&for_thread, stream));
     if let Err(e) = spawned {
         front.open.fetch_sub(1, Ordering::SeqCst);
         log::warn!("cannot start a connection thread: {e}");
     }
+}
+
+/// Serves connections one after another: the first it was started for, then whatever
+/// [`admit`] hands it while it waits idle, until it has been idle for [`IDLE_THREAD`].
+fn connection_thread(shared: &Shared, first: TcpStream) {
+    let mut stream = first;
+    loop {
+        serve_connection(shared, stream);
+        shared.front.open.fetch_sub(1, Ordering::SeqCst);
+        shared.idle.fetch_add(1, Ordering::SeqCst);
+        stream = loop {
+            match shared.handoff.1.recv_timeout(IDLE_THREAD) {
+                Ok(next) => break next,
+                // Leave, unless every idle thread is already promised to a connection on its
+                // way: then this one must stay to take it.
+                Err(RecvTimeoutError::Timeout) if take_one(&shared.idle) => return,
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+        };
+    }
+}
+
+/// Decrements `n` unless it is 0; true if it did.
+fn take_one(n: &AtomicUsize) -> bool {
+    n.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_sub(1))
+        .is_ok()
 }
 
 fn is_resource_exhaustion(e: &io::Error) -> bool {
