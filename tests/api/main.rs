@@ -5,6 +5,7 @@ mod helpers;
 mod backpressure;
 mod breaker;
 mod budget;
+mod cli;
 mod guards;
 mod idempotency;
 mod middleware;
