@@ -13,5 +13,6 @@ mod nginx;
 mod observability;
 mod payments;
 mod provider_faults;
+mod readme;
 mod shutdown;
 mod slow_clients;
