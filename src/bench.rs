@@ -17,11 +17,11 @@ use crate::load::{self, LoadConfig};
 
 #[derive(Args, Clone, Debug)]
 pub struct BenchConfig {
-    /// How long each scenario runs.
-    #[arg(long, env = "PAYTRACE_DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
+    /// How long each scenario runs, e.g. 5s.
+    #[arg(long, env = "PAYTRACE_BENCH_DURATION", default_value = "5s", value_parser = crate::config::parse_positive_duration)]
     pub duration: Duration,
     /// Print the results as JSON.
-    #[arg(long, env = "PAYTRACE_JSON")]
+    #[arg(long, env = "PAYTRACE_BENCH_JSON")]
     pub json: bool,
 }
 
@@ -212,7 +212,8 @@ pub fn run(config: BenchConfig) -> Result<(), String> {
                 json: true,
             },
             false,
-        )?;
+        )
+        .map_err(|e| format!("{}: {e}", s.name))?;
         let cpu_busy = match (cpu_before, cpu_jiffies()) {
             (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => {
                 ((b1 - b0) as f64 / (t1 - t0) as f64 * 100.0).round()
@@ -262,8 +263,8 @@ pub fn run(config: BenchConfig) -> Result<(), String> {
 
 fn print_table(rows: &[Value], duration: Duration) {
     println!(
-        "| scenario ({} s each, closed loop) | req/s | workers/latency | p50 ms | p99 ms | p99.9 ms | peak RSS MiB | threads | CPU busy % | non-2xx |",
-        duration.as_secs()
+        "| scenario ({} each, closed loop) | req/s | workers/latency | p50 ms | p99 ms | p99.9 ms | peak RSS MiB | threads | CPU busy % | non-2xx |",
+        humantime::format_duration(duration)
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {

@@ -1,7 +1,11 @@
 //! Flags and environment variables → [`ServeConfig`] / [`ProviderConfig`].
 //!
-//! Every flag has an env var `PAYTRACE_<FLAG>` (clap's `env`), durations are written like
-//! `250ms` / `3s` / `24h` (humantime) and sizes like `16KiB`. The one piece of judgement here
+//! Every flag has an env var (clap's `env`), and each env var means one thing: `serve`'s flags
+//! are `PAYTRACE_<FLAG>`; the tools' flags carry their subcommand, `PAYTRACE_PROVIDER_<FLAG>`,
+//! `PAYTRACE_LOAD_<FLAG>`, `PAYTRACE_BENCH_<FLAG>`, so that a provider started from the same
+//! shell does not take the server's `PAYTRACE_ADDR`. The one variable two subcommands read is
+//! `PAYTRACE_API_KEY`, with one meaning: the keys the server accepts (`load` sends the first).
+//! Durations are written like `250ms` / `3s` / `24h` (humantime) and sizes like `16KiB`. The one piece of judgement here
 //! is [`ServeConfig::validate`]: the nested-budget check that refuses a configuration whose
 //! inner timeouts cannot fit inside the request's budget.
 
@@ -61,8 +65,16 @@ pub fn parse_rate(s: &str) -> Result<Rate, String> {
 }
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s)
-        .map_err(|e| format!("`{s}` is not a duration like 250ms or 3s: {e}"))
+    humantime::parse_duration(s).map_err(|_| format!("`{s}` is not a duration like 250ms or 3s"))
+}
+
+/// A duration that must be longer than zero (how long to run, a client timeout).
+pub fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() {
+        return Err(format!("`{s}` must be longer than zero, like 250ms or 3s"));
+    }
+    Ok(d)
 }
 
 /// Parses `16KiB`, `1MiB`, `512B`, `16384`, `16kb` into bytes (binary multiples).
@@ -84,7 +96,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("`{s}` is too large"))
 }
 
-/// `paytrace serve`: every flag of SPEC §2.
+/// `paytrace serve`: every flag of the server.
 #[derive(Args, Clone, Debug)]
 pub struct ServeConfig {
     /// Listen address; port 0 picks a free port.
@@ -214,7 +226,7 @@ impl ServeConfig {
         }
     }
 
-    /// Refuses a configuration whose budgets do not nest (SPEC §2):
+    /// Refuses a configuration whose budgets do not nest:
     /// `2 × (acquire + write) + provider < request`. The claim phase and the persist phase
     /// each borrow a connection and write once; the provider call sits between them.
     pub fn validate(&self) -> Result<(), String> {
@@ -257,29 +269,30 @@ impl ServeConfig {
     }
 }
 
-/// `paytrace provider`: the simulated payment provider (SPEC §5).
+/// `paytrace provider`: the simulated payment provider. Its env vars are
+/// `PAYTRACE_PROVIDER_<FLAG>`: `PAYTRACE_ADDR` is the server's.
 #[derive(Args, Clone, Debug)]
 pub struct ProviderConfig {
     /// Listen address; port 0 picks a free port.
-    #[arg(long, env = "PAYTRACE_ADDR", default_value = "127.0.0.1:9090")]
+    #[arg(long, env = "PAYTRACE_PROVIDER_ADDR", default_value = "127.0.0.1:9090")]
     pub addr: SocketAddr,
     /// Added to every answer of POST /v1/charges.
-    #[arg(long, env = "PAYTRACE_LATENCY", default_value = "0ms", value_parser = parse_duration)]
+    #[arg(long, env = "PAYTRACE_PROVIDER_LATENCY", default_value = "0ms", value_parser = parse_duration)]
     pub latency: Duration,
     /// Uniform random extra latency, 0..=jitter.
-    #[arg(long, env = "PAYTRACE_JITTER", default_value = "0ms", value_parser = parse_duration)]
+    #[arg(long, env = "PAYTRACE_PROVIDER_JITTER", default_value = "0ms", value_parser = parse_duration)]
     pub jitter: Duration,
     /// Fraction of charge requests answered 500 without charging (0.0..=1.0).
-    #[arg(long = "fail-rate", env = "PAYTRACE_FAIL_RATE", default_value_t = 0.0, value_parser = parse_fraction)]
+    #[arg(long = "fail-rate", env = "PAYTRACE_PROVIDER_FAIL_RATE", default_value_t = 0.0, value_parser = parse_fraction)]
     pub fail_rate: f64,
     /// Fraction of charge requests never answered until the client gives up.
-    #[arg(long = "hang-rate", env = "PAYTRACE_HANG_RATE", default_value_t = 0.0, value_parser = parse_fraction)]
+    #[arg(long = "hang-rate", env = "PAYTRACE_PROVIDER_HANG_RATE", default_value_t = 0.0, value_parser = parse_fraction)]
     pub hang_rate: f64,
     /// Fraction of charge requests that charge, then answer 500 or hang.
-    #[arg(long = "ambiguous-rate", env = "PAYTRACE_AMBIGUOUS_RATE", default_value_t = 0.0, value_parser = parse_fraction)]
+    #[arg(long = "ambiguous-rate", env = "PAYTRACE_PROVIDER_AMBIGUOUS_RATE", default_value_t = 0.0, value_parser = parse_fraction)]
     pub ambiguous_rate: f64,
     /// Seed for the fault draws, so a run can be repeated exactly.
-    #[arg(long, env = "PAYTRACE_SEED")]
+    #[arg(long, env = "PAYTRACE_PROVIDER_SEED")]
     pub seed: Option<u64>,
 }
 

@@ -18,46 +18,112 @@ use hdrhistogram::Histogram;
 use rand::Rng;
 use serde_json::{Value, json};
 
+use crate::config::{parse_fraction, parse_positive_duration};
+
 #[derive(Args, Clone, Debug)]
 pub struct LoadConfig {
-    /// The server's base URL.
-    #[arg(long, env = "PAYTRACE_URL", default_value = "http://127.0.0.1:8080")]
+    /// The server's base URL, with its scheme: http://127.0.0.1:8080.
+    #[arg(long, env = "PAYTRACE_LOAD_URL", default_value = "http://127.0.0.1:8080", value_parser = parse_base_url)]
     pub url: String,
-    /// Bearer key to send.
+    /// Bearer key to send. PAYTRACE_API_KEY is the server's comma-separated list: the first is sent.
     #[arg(
         long = "api-key",
         env = "PAYTRACE_API_KEY",
-        default_value = "sk_test_paytrace"
+        default_value = "sk_test_paytrace",
+        value_parser = first_key
     )]
     pub api_key: String,
     /// Threads sending at once (closed loop), or at most in flight (open loop).
-    #[arg(long, env = "PAYTRACE_CONCURRENCY", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    #[arg(long, env = "PAYTRACE_LOAD_CONCURRENCY", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub concurrency: u32,
     /// How long to run, e.g. 10s (default 10s unless --requests is given).
-    #[arg(long, env = "PAYTRACE_DURATION", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "PAYTRACE_LOAD_DURATION", value_parser = parse_positive_duration)]
     pub duration: Option<Duration>,
     /// How many requests to send in all.
-    #[arg(long, env = "PAYTRACE_REQUESTS")]
+    #[arg(long, env = "PAYTRACE_LOAD_REQUESTS", value_parser = clap::value_parser!(u64).range(1..))]
     pub requests: Option<u64>,
     /// Open loop: requests per second, sent on schedule whatever the answers.
-    #[arg(long, env = "PAYTRACE_RATE")]
+    #[arg(long, env = "PAYTRACE_LOAD_RATE", value_parser = parse_rate_per_second)]
     pub rate: Option<f64>,
     /// Share of requests that repeat an earlier key with the same body (replays), 0..=1.
     #[arg(
         long = "replay-fraction",
-        env = "PAYTRACE_REPLAY_FRACTION",
-        default_value_t = 0.0
+        env = "PAYTRACE_LOAD_REPLAY_FRACTION",
+        default_value_t = 0.0,
+        value_parser = parse_fraction
     )]
     pub replay_fraction: f64,
     /// The path to load: /payments is POSTed with a fresh Idempotency-Key; any other is a GET.
-    #[arg(long, env = "PAYTRACE_PATH", default_value = "/payments")]
+    #[arg(long, env = "PAYTRACE_LOAD_PATH", default_value = "/payments")]
     pub path: String,
     /// Client timeout of one request.
-    #[arg(long, env = "PAYTRACE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "PAYTRACE_LOAD_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
     pub timeout: Duration,
     /// Print the summary as JSON.
-    #[arg(long, env = "PAYTRACE_JSON")]
+    #[arg(long, env = "PAYTRACE_LOAD_JSON")]
     pub json: bool,
+}
+
+/// Why a run could not be done: the command line was wrong (exit 2), or nothing answered
+/// (exit 1).
+#[derive(Debug, PartialEq, Eq)]
+pub enum LoadError {
+    Usage(String),
+    Unreachable(String),
+}
+
+impl LoadError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            LoadError::Usage(_) => 2,
+            LoadError::Unreachable(_) => 1,
+        }
+    }
+}
+
+impl std::fmt::Display for LoadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LoadError::Usage(m) | LoadError::Unreachable(m) => f.write_str(m),
+        }
+    }
+}
+
+/// `http://host:port` (or https), nothing else: a URL without its scheme is refused here
+/// rather than failing every request later.
+pub fn parse_base_url(s: &str) -> Result<String, String> {
+    let example = "like http://127.0.0.1:8080";
+    if !(s.starts_with("http://") || s.starts_with("https://")) {
+        return Err(format!(
+            "`{s}` is not a URL {example}: it must start with http:// or https://"
+        ));
+    }
+    let uri: ureq::http::Uri = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a URL {example}"))?;
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(format!("`{s}` has no host: write a URL {example}"));
+    }
+    Ok(s.trim_end_matches('/').to_string())
+}
+
+/// The key `load` sends: the argument itself, or the first of a comma-separated list (the
+/// server's `PAYTRACE_API_KEY` may hold several).
+pub fn first_key(s: &str) -> Result<String, String> {
+    s.split(',')
+        .map(str::trim)
+        .find(|k| !k.is_empty())
+        .map(str::to_string)
+        .ok_or_else(|| "the API key is empty".to_string())
+}
+
+fn parse_rate_per_second(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(r) if r > 0.0 && r.is_finite() => Ok(r),
+        _ => Err(format!(
+            "`{s}` is not a positive number of requests per second, like 500"
+        )),
+    }
 }
 
 /// What one sender saw.
@@ -134,7 +200,7 @@ impl Plan {
 }
 
 /// `paytrace load`: runs, then prints the summary as a table or JSON.
-pub fn run(config: LoadConfig) -> Result<(), String> {
+pub fn run(config: LoadConfig) -> Result<(), LoadError> {
     let summary = execute(&config, true)?;
     if config.json {
         println!(
@@ -147,16 +213,55 @@ pub fn run(config: LoadConfig) -> Result<(), String> {
     Ok(())
 }
 
+/// Connects once to the URL's host and port before any load is sent, so that a wrong port or
+/// host is one clear error instead of a run of failed requests.
+fn preflight(config: &LoadConfig) -> Result<(), LoadError> {
+    use std::net::{TcpStream, ToSocketAddrs};
+    let url = &config.url;
+    let uri: ureq::http::Uri = url
+        .parse()
+        .map_err(|_| LoadError::Usage(format!("--url `{url}` is not a URL")))?;
+    let host = uri.host().unwrap_or("");
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port = uri
+        .port_u16()
+        .unwrap_or(if uri.scheme_str() == Some("https") {
+            443
+        } else {
+            80
+        });
+    let addrs: Vec<_> = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| LoadError::Unreachable(format!("cannot resolve {host} (--url {url}): {e}")))?
+        .collect();
+    let wait = config.timeout.min(Duration::from_secs(3));
+    let mut last = String::from("no address");
+    for addr in &addrs {
+        match TcpStream::connect_timeout(addr, wait) {
+            Ok(_) => return Ok(()),
+            Err(e) => last = format!("{addr}: {e}"),
+        }
+    }
+    Err(LoadError::Unreachable(format!(
+        "cannot connect to --url {url} ({last}); is the server running?"
+    )))
+}
+
 /// Runs the load and returns the summary (the JSON shape `--json` prints).
-pub fn execute(config: &LoadConfig, show_progress: bool) -> Result<Value, String> {
+pub fn execute(config: &LoadConfig, show_progress: bool) -> Result<Value, LoadError> {
     if let Some(r) = config.rate
         && !(r > 0.0 && r.is_finite())
     {
-        return Err("--rate must be a positive number of requests per second".into());
+        return Err(LoadError::Usage(
+            "--rate must be a positive number of requests per second".into(),
+        ));
     }
     if !(0.0..=1.0).contains(&config.replay_fraction) {
-        return Err("--replay-fraction must be between 0 and 1".into());
+        return Err(LoadError::Usage(
+            "--replay-fraction must be between 0 and 1".into(),
+        ));
     }
+    preflight(config)?;
     let duration = match (config.duration, config.requests) {
         (None, None) => Some(Duration::from_secs(10)),
         (d, _) => d,
@@ -194,7 +299,7 @@ pub fn execute(config: &LoadConfig, show_progress: bool) -> Result<Value, String
     for s in senders {
         total.merge(
             s.join()
-                .map_err(|_| "a sender thread panicked".to_string())?,
+                .map_err(|_| LoadError::Unreachable("a sender thread panicked".into()))?,
         );
     }
     plan.stop.store(true, Ordering::Relaxed);
@@ -205,6 +310,20 @@ pub fn execute(config: &LoadConfig, show_progress: bool) -> Result<Value, String
         Some(end) => (end - start, plan.done_in_window.load(Ordering::Relaxed)),
         None => (start.elapsed(), plan.done.load(Ordering::Relaxed)),
     };
+    let transport_errors = total.statuses.get("error").copied().unwrap_or(0);
+    let requests: u64 = total.statuses.values().sum();
+    if requests > 0 && transport_errors == requests {
+        let causes: Vec<String> = total
+            .codes
+            .iter()
+            .map(|(k, v)| format!("{v} × {k}"))
+            .collect();
+        return Err(LoadError::Unreachable(format!(
+            "no request got an answer from {}: {}",
+            config.url,
+            causes.join(", ")
+        )));
+    }
     Ok(summarize(
         config,
         &total,
@@ -418,6 +537,20 @@ fn print_table(s: &Value) {
         .map(|m| m.iter().map(|(k, v)| format!("{k}: {v}")).collect())
         .unwrap_or_default();
     println!("status      {}", statuses.join(", "));
+    let transport: Vec<String> = s["codes"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| {
+                    k.strip_prefix("transport: ")
+                        .map(|cause| format!("{v} × {cause}"))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if !transport.is_empty() {
+        println!("errors      {} (no HTTP answer)", transport.join(", "));
+    }
     let l = &s["latency_ms"];
     println!(
         "latency ms  p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
@@ -442,6 +575,38 @@ fn print_table(s: &Value) {
                 l["code"].as_str().unwrap_or(""),
                 l["limit"].as_str().unwrap_or("")
             );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_url_needs_its_scheme_and_a_host() {
+        assert_eq!(
+            parse_base_url("http://127.0.0.1:8080/"),
+            Ok("http://127.0.0.1:8080".to_string())
+        );
+        let err = parse_base_url("127.0.0.1:8080").unwrap_err();
+        assert!(err.contains("must start with http://"), "{err}");
+        assert!(parse_base_url("http://").is_err());
+        assert!(parse_base_url("http:// spaces").is_err());
+    }
+
+    #[test]
+    fn the_first_of_the_servers_keys_is_sent() {
+        assert_eq!(first_key("sk_a"), Ok("sk_a".to_string()));
+        assert_eq!(first_key(" sk_a , sk_b"), Ok("sk_a".to_string()));
+        assert!(first_key(" , ").is_err());
+    }
+
+    #[test]
+    fn rates_must_be_positive() {
+        assert_eq!(parse_rate_per_second("500"), Ok(500.0));
+        for bad in ["0", "-1", "banana", "inf", "NaN"] {
+            assert!(parse_rate_per_second(bad).is_err(), "{bad}");
         }
     }
 }

@@ -50,9 +50,9 @@ fn main() -> ExitCode {
             init_logging(LogFormat::Text);
             match paytrace::load::run(*config) {
                 Ok(()) => ExitCode::SUCCESS,
-                Err(reason) => {
-                    eprintln!("paytrace load: {reason}");
-                    ExitCode::from(2)
+                Err(e) => {
+                    eprintln!("paytrace load: {e}");
+                    ExitCode::from(e.exit_code())
                 }
             }
         }
@@ -105,4 +105,49 @@ fn init_logging(format: LogFormat) {
         });
     }
     builder.init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+    use std::collections::BTreeMap;
+
+    /// Each env var means one thing: no two flags read the same variable, except
+    /// `PAYTRACE_API_KEY`, which is the server's keys for both `serve` and `load`.
+    #[test]
+    fn every_env_var_belongs_to_one_flag() {
+        let mut seen: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for sub in Cli::command().get_subcommands() {
+            for arg in sub.get_arguments() {
+                if let Some(env) = arg.get_env() {
+                    seen.entry(env.to_string_lossy().into_owned())
+                        .or_default()
+                        .push(format!("{} --{}", sub.get_name(), arg.get_id()));
+                }
+            }
+        }
+        for (env, users) in &seen {
+            if env == "PAYTRACE_API_KEY" {
+                assert_eq!(users, &["serve --api_key", "load --api_key"], "{env}");
+            } else {
+                assert_eq!(users.len(), 1, "{env} is read by {users:?}");
+            }
+        }
+        assert_eq!(seen["PAYTRACE_ADDR"], ["serve --addr"]);
+        assert_eq!(seen["PAYTRACE_PROVIDER_ADDR"], ["provider --addr"]);
+        // Every flag of every subcommand has one (help and version are clap's own).
+        for sub in Cli::command().get_subcommands() {
+            for arg in sub.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id != "help" && id != "version" {
+                    assert!(
+                        arg.get_env().is_some(),
+                        "{} --{id} has no env var",
+                        sub.get_name()
+                    );
+                }
+            }
+        }
+    }
 }

@@ -1,6 +1,11 @@
 //! The Prometheus registry and its exposition (`GET /metrics`). Every name has the prefix
 //! `paytrace_`. Counters and histograms move where the event happens; gauges that mirror
 //! state (pool, breaker, draining) are read when scraped.
+//!
+//! Every series whose label values are known in advance exists from start-up at 0 (the lists
+//! below), so a dashboard or an alert on `rate(...)` sees a 0 before the first event instead
+//! of no series at all. A label value not listed (a status no route was expected to answer)
+//! still appears on its first use.
 
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
@@ -11,6 +16,44 @@ use prometheus::{
 const BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 ];
+
+/// The route labels, each with the statuses it is known to answer. Every route can also be
+/// refused by the guards and the dispatcher ([`COMMON_STATUSES`]).
+pub const ROUTE_STATUSES: &[(&str, &[u16])] = &[
+    (
+        "POST /payments",
+        &[201, 400, 401, 402, 408, 409, 413, 415, 422, 429, 502, 504],
+    ),
+    ("GET /payments", &[200, 400, 401, 429, 504]),
+    ("GET /payments/{id}", &[200, 401, 404, 429, 504]),
+    ("GET /healthz", &[200]),
+    ("GET /readyz", &[200]),
+    ("GET /metrics", &[200]),
+    ("other", &[404, 405]),
+];
+/// What any route can answer: 414/431 from the guards, 500 from a panic, 503 when shed.
+pub const COMMON_STATUSES: &[u16] = &[414, 431, 500, 503];
+/// `requests_shed_total{reason}`.
+pub const SHED_REASONS: &[&str] = &[
+    "queue_full",
+    "pool_timeout",
+    "rate_limited",
+    "breaker_open",
+    "shutting_down",
+];
+/// `provider_calls_total{outcome}`.
+pub const PROVIDER_OUTCOMES: &[&str] = &[
+    "charged",
+    "declined",
+    "ambiguous",
+    "timeout",
+    "unreachable",
+    "rejected",
+];
+/// `idempotency_total{outcome}`.
+pub const IDEMPOTENCY_OUTCOMES: &[&str] = &["new", "resumed", "replayed", "in-use", "reused"];
+/// `db_pool_connections{state}`.
+pub const POOL_STATES: &[&str] = &["idle", "in_use"];
 
 pub struct Metrics {
     registry: Registry,
@@ -72,7 +115,7 @@ impl Metrics {
             "Times the write token or a pooled connection was not had within the acquire slice.",
         ))?;
         registry.register(Box::new(acquire_timeouts.clone()))?;
-        Ok(Metrics {
+        let metrics = Metrics {
             http_requests: counter_vec(
                 "http_requests_total",
                 "Requests answered, by route and status.",
@@ -123,7 +166,50 @@ impl Metrics {
             )?,
             draining: gauge("draining", "1 while shutting down.")?,
             registry,
-        })
+        };
+        metrics.expose_known_series();
+        Ok(metrics)
+    }
+
+    /// Creates every series whose label values are known, at 0.
+    fn expose_known_series(&self) {
+        use crate::breaker::State;
+        use crate::db::PaymentStatus;
+        use crate::deadline::Step;
+        for (route, statuses) in ROUTE_STATUSES {
+            for status in statuses.iter().chain(COMMON_STATUSES) {
+                self.http_requests
+                    .with_label_values(&[*route, status.to_string().as_str()]);
+            }
+            self.http_duration.with_label_values(&[route]);
+        }
+        for step in Step::ALL {
+            self.step_duration.with_label_values(&[step.name()]);
+        }
+        for reason in SHED_REASONS {
+            self.shed.with_label_values(&[reason]);
+        }
+        for state in POOL_STATES {
+            self.pool_connections.with_label_values(&[state]);
+        }
+        for to in [State::Closed, State::Open, State::HalfOpen] {
+            self.breaker_transitions.with_label_values(&[to.name()]);
+        }
+        for outcome in PROVIDER_OUTCOMES {
+            self.provider_calls.with_label_values(&[outcome]);
+        }
+        for outcome in IDEMPOTENCY_OUTCOMES {
+            self.idempotency.with_label_values(&[outcome]);
+        }
+        for status in [
+            PaymentStatus::Processing,
+            PaymentStatus::Pending,
+            PaymentStatus::Succeeded,
+            PaymentStatus::Declined,
+            PaymentStatus::Failed,
+        ] {
+            self.payments.with_label_values(&[status.as_str()]);
+        }
     }
 
     /// The text exposition format.
@@ -139,6 +225,25 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn known_series_exist_at_zero_before_any_event() {
+        let text = Metrics::new().unwrap().render();
+        for name in [
+            "paytrace_http_requests_total{route=\"POST /payments\",status=\"201\"} 0",
+            "paytrace_http_requests_total{route=\"GET /healthz\",status=\"503\"} 0",
+            "paytrace_http_request_duration_seconds_count{route=\"GET /payments/{id}\"} 0",
+            "paytrace_step_duration_seconds_count{step=\"persist\"} 0",
+            "paytrace_requests_shed_total{reason=\"shutting_down\"} 0",
+            "paytrace_db_pool_connections{state=\"in_use\"} 0",
+            "paytrace_breaker_transitions_total{to=\"half-open\"} 0",
+            "paytrace_provider_calls_total{outcome=\"unreachable\"} 0",
+            "paytrace_idempotency_total{outcome=\"in-use\"} 0",
+            "paytrace_payments_total{status=\"processing\"} 0",
+        ] {
+            assert!(text.contains(name), "{name} missing from\n{text}");
+        }
+    }
 
     #[test]
     fn every_metric_is_exposed_with_the_prefix() {

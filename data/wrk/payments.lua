@@ -1,8 +1,9 @@
 -- wrk script: POST /payments with a fresh Idempotency-Key on every request.
 -- Usage: wrk -t2 -c32 -d10s -s data/wrk/payments.lua http://127.0.0.1:8080
--- Env: PAYTRACE_KEY (default sk_test_paytrace).
+-- Env: PAYTRACE_API_KEY, the server's comma-separated keys: the first is sent
+-- (default sk_test_paytrace).
 local threads = {}
-local api_key = os.getenv("PAYTRACE_KEY") or "sk_test_paytrace"
+local api_key = (os.getenv("PAYTRACE_API_KEY") or ""):match("^%s*([^,%s]+)") or "sk_test_paytrace"
 local body = '{"amount":1999,"currency":"usd","source":"tok_visa"}'
 
 function setup(thread)

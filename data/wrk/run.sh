@@ -5,7 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 cargo build --release -q
-bin=./target/release/paytrace
+# Where cargo put it: CARGO_TARGET_DIR, a target-dir in a cargo config, or ./target.
+target_dir=$(cargo metadata --format-version 1 --no-deps | sed -E 's/.*"target_directory":"([^"]*)".*/\1/')
+bin="$target_dir/release/paytrace"
+[ -x "$bin" ] || { echo "no $bin after cargo build --release" >&2; exit 1; }
 tmp=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$tmp"' EXIT
 dur=${DURATION:-8s}
@@ -46,6 +49,7 @@ if command -v nginx >/dev/null; then
       -e 's/server 127.0.0.1:8080 max_fails=0;/server 127.0.0.1:18082 max_fails=0;/' \
       data/nginx/paytrace.conf > "$tmp/nginx/nginx.conf"
   nginx -p "$tmp/nginx" -c "$tmp/nginx/nginx.conf" -g 'daemon off; master_process off;' 2>/dev/null &
-  sleep 0.5
+  timeout 10 bash -c 'until curl -sf 127.0.0.1:18000/healthz >/dev/null; do sleep 0.1; done' \
+    || { echo "nginx on 18000 did not start" >&2; exit 1; }
   echo "POST /payments via nginx:       $(wrk -t2 -c32 -d"$dur" -s data/wrk/payments.lua http://127.0.0.1:18000 | rps)"
 fi

@@ -62,8 +62,16 @@ fn metrics_parse_and_move_with_requests_sheds_and_the_breaker() {
         "1",
         "--rate-limit",
         "10000/s",
+        // Judged on the last 3 calls only, opening when all 3 failed: the three failures below
+        // open it exactly at the third, however many of the burst were served before (with the
+        // default window of 20 and 50%, a burst that served one instead of two opened it at
+        // the second failure: "expected 502, got 503" on a slow first run).
+        "--breaker-window",
+        "3",
         "--breaker-min-calls",
         "3",
+        "--breaker-failure-rate",
+        "100%",
         "--breaker-slow-call",
         "5s",
     ]);
@@ -175,6 +183,112 @@ fn metrics_parse_and_move_with_requests_sheds_and_the_breaker() {
         get_metric(&open, "paytrace_payments_total{status=\"pending\"}"),
         3.0
     );
+}
+
+#[test]
+fn a_fresh_server_exports_every_known_series_at_0() {
+    let serve = Serve::start(&[]);
+    let m = scrape(serve.url());
+    let mut expected: Vec<String> = Vec::new();
+    let routes: &[(&str, &[u16])] = &[
+        (
+            "POST /payments",
+            &[201, 400, 401, 402, 409, 413, 415, 422, 429, 502, 503, 504],
+        ),
+        ("GET /payments", &[200, 400, 401, 429, 503]),
+        ("GET /payments/{id}", &[200, 401, 404, 429, 503]),
+        ("GET /healthz", &[200, 503]),
+        ("GET /readyz", &[200, 503]),
+        ("GET /metrics", &[200, 503]),
+        ("other", &[404, 405, 414, 431]),
+    ];
+    for (route, statuses) in routes {
+        for s in *statuses {
+            expected.push(format!(
+                "paytrace_http_requests_total{{route=\"{route}\",status=\"{s}\"}}"
+            ));
+        }
+        expected.push(format!(
+            "paytrace_http_request_duration_seconds_count{{route=\"{route}\"}}"
+        ));
+    }
+    for step in ["queue", "acquire", "claim", "provider", "persist"] {
+        expected.push(format!(
+            "paytrace_step_duration_seconds_count{{step=\"{step}\"}}"
+        ));
+        expected.push(format!(
+            "paytrace_step_duration_seconds_bucket{{step=\"{step}\",le=\"0.5\"}}"
+        ));
+    }
+    let families: &[(&str, &str, &[&str])] = &[
+        (
+            "requests_shed_total",
+            "reason",
+            &[
+                "queue_full",
+                "pool_timeout",
+                "rate_limited",
+                "breaker_open",
+                "shutting_down",
+            ],
+        ),
+        (
+            "breaker_transitions_total",
+            "to",
+            &["closed", "open", "half-open"],
+        ),
+        (
+            "provider_calls_total",
+            "outcome",
+            &[
+                "charged",
+                "declined",
+                "ambiguous",
+                "timeout",
+                "unreachable",
+                "rejected",
+            ],
+        ),
+        (
+            "idempotency_total",
+            "outcome",
+            &["new", "resumed", "replayed", "in-use", "reused"],
+        ),
+        (
+            "payments_total",
+            "status",
+            &["processing", "pending", "succeeded", "declined", "failed"],
+        ),
+    ];
+    for (name, label, values) in families {
+        for v in *values {
+            expected.push(format!("paytrace_{name}{{{label}=\"{v}\"}}"));
+        }
+    }
+    for name in [
+        "paytrace_db_acquire_timeouts_total",
+        "paytrace_breaker_state",
+        "paytrace_draining",
+    ] {
+        expected.push(name.to_string());
+    }
+    // Gauges of the present moment: exposed, but the worker answering this scrape is busy.
+    for name in [
+        "paytrace_workers_busy",
+        "paytrace_queue_depth",
+        "paytrace_db_pool_connections{state=\"idle\"}",
+        "paytrace_db_pool_connections{state=\"in_use\"}",
+    ] {
+        assert!(m.contains_key(name), "{name} is exposed from the start");
+    }
+    let missing: Vec<&String> = expected.iter().filter(|n| !m.contains_key(*n)).collect();
+    assert!(missing.is_empty(), "not exposed at start-up: {missing:#?}");
+    let moved: Vec<(&String, f64)> = expected
+        .iter()
+        .map(|n| (n, m[n]))
+        .filter(|(_, v)| *v != 0.0)
+        .collect();
+    assert!(moved.is_empty(), "not 0 on a fresh server: {moved:?}");
 }
 
 /// Runs `paytrace load` with `args` to completion.
