@@ -60,10 +60,9 @@ pub enum ApiError {
     HeadersTooLarge(String),
     #[error("{detail}")]
     Overloaded { detail: String, retry_after_s: u64 },
-    #[error(
-        "the payment provider answered {status}: the charge may or may not exist; retry with the same Idempotency-Key"
-    )]
-    ProviderError { status: u16, payment: Value },
+    /// The provider's answer does not say in full that this charge succeeded or was declined.
+    #[error("{detail}: the charge may or may not exist; retry with the same Idempotency-Key")]
+    ProviderError { detail: String, payment: Value },
     #[error("{detail}")]
     ProviderUnavailable {
         detail: String,

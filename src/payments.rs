@@ -27,7 +27,9 @@ pub fn create(app: &App, ctx: &mut Ctx, request: &mut Request) -> Result<Reply, 
     let input = parse_new_payment(&body)?;
     let fingerprint = idempotency::fingerprint("POST", "/payments", &input);
     let scope = ctx.scope()?.to_string();
-    let token = ctx.request_id.clone();
+    // The lock is this attempt's own: a client's X-Request-Id may repeat, and a lock token
+    // shared by two attempts would let one finish (or release) the other's key.
+    let token = idempotency::new_lock_token();
     let attempt = Attempt {
         scope: &scope,
         key: &key,
@@ -155,7 +157,7 @@ fn settle(
             payment.failure_code = Some(code);
             final_answer(payment, request_id)
         }
-        Some(ChargeOutcome::Ambiguous { status, detail }) => {
+        Some(ChargeOutcome::Ambiguous { detail, .. }) => {
             log::warn!(
                 "{request_id}: provider answer for {} is ambiguous: {detail}",
                 payment.id
@@ -164,7 +166,7 @@ fn settle(
             (
                 None,
                 Err(ApiError::ProviderError {
-                    status,
+                    detail,
                     payment: payment.to_json(),
                 }),
             )
@@ -437,14 +439,61 @@ fn unescape_sf_string(inner: &str) -> Option<String> {
     Some(out)
 }
 
+/// The members of a JSON object, and the names that occur more than once. serde_json's own
+/// map keeps the last of duplicate keys without a word (`{"amount":1,"amount":777}` would
+/// charge 777), so the object is read member by member here.
+#[derive(Debug, Default)]
+struct Members {
+    fields: Map<String, Value>,
+    duplicates: Vec<String>,
+}
+
+impl<'de> serde::Deserialize<'de> for Members {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Members, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Members;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Members, A::Error> {
+                let mut m = Members::default();
+                while let Some(name) = map.next_key::<String>()? {
+                    let value: Value = map.next_value()?;
+                    if m.fields.contains_key(&name) {
+                        if !m.duplicates.contains(&name) {
+                            m.duplicates.push(name);
+                        }
+                    } else {
+                        m.fields.insert(name, value);
+                    }
+                }
+                Ok(m)
+            }
+        }
+        d.deserialize_map(Visit)
+    }
+}
+
 /// Validates the body of `POST /payments`, reporting every bad field at once.
 pub fn parse_new_payment(body: &[u8]) -> Result<NewPayment, ApiError> {
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::invalid(format!("the body is not valid JSON: {e}")))?;
-    let Value::Object(mut fields) = value else {
-        return Err(ApiError::invalid("the body must be a JSON object"));
-    };
-    let mut errors = Vec::new();
+    let Members {
+        mut fields,
+        duplicates,
+    } = serde_json::from_slice(body).map_err(|e| {
+        ApiError::invalid(match e.classify() {
+            // The only type the members can have is "any value": a data error is the top level.
+            serde_json::error::Category::Data => "the body must be a JSON object".to_string(),
+            _ => format!("the body is not valid JSON: {e}"),
+        })
+    })?;
+    let mut errors: Vec<FieldError> = duplicates
+        .iter()
+        .map(|name| FieldError::new(name, "appears more than once"))
+        .collect();
     let amount = match fields.remove("amount") {
         Some(Value::Number(n)) => match n.as_i64() {
             Some(a) if (1..=MAX_AMOUNT).contains(&a) => Some(a),
@@ -639,10 +688,45 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert!(matches!(
-            parse_new_payment(b"[1]"),
-            Err(ApiError::InvalidRequest { .. })
-        ));
+        for not_an_object in [&b"[1]"[..], b"7", b"\"x\"", b"null"] {
+            match parse_new_payment(not_an_object) {
+                Err(ApiError::InvalidRequest { detail, .. }) => {
+                    assert!(detail.contains("must be a JSON object"), "{detail}")
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        match parse_new_payment(b"{\"amount\":1} trailing") {
+            Err(ApiError::InvalidRequest { detail, .. }) => {
+                assert!(detail.contains("not valid JSON"), "{detail}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_duplicate_key_is_named_not_silently_overwritten() {
+        assert_eq!(
+            errors_of(r#"{"amount":1,"amount":777,"currency":"usd","source":"x"}"#),
+            ["amount"]
+        );
+        match parse_new_payment(
+            br#"{"amount":1,"currency":"usd","source":"x","source":"y","source":"z"}"#,
+        ) {
+            Err(ApiError::InvalidRequest { detail, errors }) => {
+                assert_eq!(errors.len(), 1, "{errors:?}");
+                assert_eq!(errors[0].field, "source");
+                assert!(errors[0].message.contains("more than once"));
+                assert!(detail.contains("source"), "{detail}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // Nested objects are values like any other: only the body's own members count.
+        assert_eq!(
+            errors_of(r#"{"amount":1,"currency":"usd","source":"x","tip":{"a":1,"a":2}}"#),
+            ["tip"]
+        );
+        assert!(parse_new_payment(br#"{"amount":1,"currency":"usd","source":"x"}"#).is_ok());
     }
 
     #[test]

@@ -11,6 +11,7 @@ mod middleware;
 mod nginx;
 mod observability;
 mod payments;
+mod provider_answers;
 mod provider_faults;
 mod shutdown;
 mod slow_clients;
