@@ -53,7 +53,7 @@ pub fn create(app: &App, ctx: &mut Ctx, request: &mut Request) -> Result<Reply, 
                 )
             })
         })
-        .map_err(|e| db_error(e, Step::Claim, None))?
+        .map_err(|e| db_error(e, Step::Claim, None, &ctx.request_id))?
     };
     let (mut payment, resumed) = match action {
         NextAction::Replay(stored) => {
@@ -102,7 +102,7 @@ pub fn create(app: &App, ctx: &mut Ctx, request: &mut Request) -> Result<Reply, 
                 idempotency::persist(tx, attempt, &payment, stored.as_ref(), SystemTime::now())
             })
         })
-        .map_err(|e| db_error(e, Step::Persist, Some(&payment)))
+        .map_err(|e| db_error(e, Step::Persist, Some(&payment), &ctx.request_id))
     });
     if persisted.is_ok() {
         app.metrics
@@ -113,11 +113,14 @@ pub fn create(app: &App, ctx: &mut Ctx, request: &mut Request) -> Result<Reply, 
     if let Err(e) = persisted {
         // The outcome could not be recorded: the key stays locked until its lock goes stale,
         // and a retry then resumes the same payment (the provider deduplicates the charge).
-        log::warn!(
-            "{}: could not persist {} ({e}); a retry will resume it",
-            ctx.request_id,
-            payment.id
-        );
+        // A storage incident is logged once, by `db_error`.
+        if !matches!(e, ApiError::StorageUnavailable { .. }) {
+            log::warn!(
+                "{}: could not persist {} ({e}); a retry will resume it",
+                ctx.request_id,
+                payment.id
+            );
+        }
         return Err(match e {
             ApiError::Overloaded { .. } => ApiError::DeadlineExceeded {
                 step: Step::Acquire,
@@ -305,7 +308,7 @@ pub fn get(app: &App, ctx: &mut Ctx, id: &str) -> Result<Reply, ApiError> {
     match db::get_payment(&conn, &scope, id) {
         Ok(Some(p)) => Ok(Reply::json(200, &p)),
         Ok(None) => Err(ApiError::NotFound),
-        Err(e) => Err(ApiError::Internal(e.to_string())),
+        Err(e) => Err(read_error(e)),
     }
 }
 
@@ -344,7 +347,7 @@ pub fn list(app: &App, ctx: &mut Ctx, query: &str) -> Result<Reply, ApiError> {
             detail: "starting_after names no payment of yours".into(),
             errors: vec![FieldError::new("starting_after", "no such payment")],
         }),
-        Err(e) => Err(ApiError::Internal(e.to_string())),
+        Err(e) => Err(read_error(e)),
     }
 }
 
@@ -393,12 +396,36 @@ fn slice(app: &App, ctx: &Ctx, op: Op) -> Result<std::time::Duration, ApiError> 
         })
 }
 
-fn db_error(e: DbError, step: Step, payment: Option<&Payment>) -> ApiError {
+/// A failed write as the client sees it; a storage incident's cause is logged here, once per
+/// incident, with the request id of the write that found it.
+fn db_error(e: DbError, step: Step, payment: Option<&Payment>, request_id: &str) -> ApiError {
     match e {
         DbError::Busy => ApiError::DeadlineExceeded {
             step,
             payment: payment.map(as_pending),
         },
+        DbError::Unavailable {
+            cause,
+            new_incident,
+        } => {
+            if new_incident {
+                log::error!(
+                    "{request_id}: storage unavailable at step {}: {cause}; payments answer 503 and readiness fails until a write succeeds",
+                    step.name()
+                );
+            }
+            ApiError::StorageUnavailable {
+                payment: payment.map(as_pending),
+            }
+        }
+        other => ApiError::Internal(other.to_string()),
+    }
+}
+
+/// A failed read: storage that cannot be read is 503 like one that cannot be written.
+fn read_error(e: rusqlite::Error) -> ApiError {
+    match DbError::from_sqlite(e) {
+        DbError::Unavailable { .. } => ApiError::StorageUnavailable { payment: None },
         other => ApiError::Internal(other.to_string()),
     }
 }

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::app::App;
 use crate::breaker::State;
-use crate::db::{self, PaymentStatus};
+use crate::db::{self, DbError, PaymentStatus};
 use crate::idempotency::{self, Unsettled};
 use crate::payments;
 use crate::provider::client::{ChargeOutcome, LookupAnswer};
@@ -44,8 +44,17 @@ pub fn spawn(app: Arc<App>, stop: Arc<AtomicBool>) -> Result<JoinHandle<()>, Str
             let mut next_sweep = Instant::now();
             let mut next_reconcile = Instant::now();
             while !stop.load(Ordering::SeqCst) {
-                if let Err(e) = app.db.checkpoint_passive(Duration::from_secs(1)) {
-                    log::warn!("WAL checkpoint: {e}");
+                match app.db.checkpoint_passive(Duration::from_secs(1)) {
+                    Err(e) if app.db.storage_healthy() => log::warn!("WAL checkpoint: {e}"),
+                    // During a storage incident its cause is logged once, by the write that
+                    // found it.
+                    Err(e) => log::debug!("WAL checkpoint: {e}"),
+                    Ok(()) => {}
+                }
+                // While writes fail, readiness fails and traffic may stop: probe, so that the
+                // recovery is noticed without waiting for a payment to try.
+                if !app.db.storage_healthy() {
+                    let _ = app.db.probe_write(app.config.write_timeout);
                 }
                 if Instant::now() >= next_reconcile {
                     reconcile(&app);
@@ -150,6 +159,10 @@ fn settle_one(app: &App, u: &Unsettled, stale: i64) -> bool {
             true
         }
         Ok(false) => false,
+        Err(DbError::Unavailable {
+            new_incident: false,
+            ..
+        }) => false,
         Err(e) => {
             log::warn!("reconciler: cannot settle {}: {e}", payment.id);
             false

@@ -15,3 +15,4 @@ mod provider_answers;
 mod provider_faults;
 mod shutdown;
 mod slow_clients;
+mod storage;
