@@ -8,12 +8,12 @@
 //! the read-only case falls back to a plain 0444 file and the disk-full case says it is skipped.
 
 use std::fs;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::helpers::*;
 
@@ -70,9 +70,10 @@ impl Drop for Mount {
     }
 }
 
-/// Runs `serve` on `db` expecting it to refuse to start: its exit code and stderr.
+/// Runs `serve` on `db` expecting it to refuse to start: its exit code (`None` if it was
+/// still running after 20 s, then killed) and stderr.
 fn serve_refuses(mut cmd: Command, db: &Path) -> (Option<i32>, String) {
-    let out = cmd
+    let mut child = cmd
         .args([
             "serve",
             "--addr",
@@ -81,12 +82,26 @@ fn serve_refuses(mut cmd: Command, db: &Path) -> (Option<i32>, String) {
             db.to_str().unwrap(),
         ])
         .env("RUST_LOG", "info")
-        .output()
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("paytrace runs");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let code = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.code();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    let _ = child.stderr.take().unwrap().read_to_string(&mut stderr);
+    (code, stderr)
 }
 
 /// A migrated database in `dir`, made by a `serve` that is then stopped.
@@ -149,7 +164,8 @@ fn fill(path: &Path) {
 /// Makes the server's next write need new disk blocks. SQLite rewinds its WAL to the start
 /// after a checkpoint and overwrites the file in place, so a disk can be full while writes still
 /// fit in the WAL's old size. The returned reader holds a snapshot, so nothing rewinds the WAL
-/// while it lives; then this writes (to `meta`) until the WAL file grows: its end is the end.
+/// while it lives; then this writes (to a table of its own) until the WAL file grows: its end
+/// is the end.
 fn pin_the_wal_at_its_end(db: &Path) -> rusqlite::Connection {
     let reader = rusqlite::Connection::open(db).unwrap();
     reader.busy_timeout(Duration::from_secs(5)).unwrap();
@@ -159,14 +175,17 @@ fn pin_the_wal_at_its_end(db: &Path) -> rusqlite::Connection {
         .unwrap();
     let writer = rusqlite::Connection::open(db).unwrap();
     writer.busy_timeout(Duration::from_secs(5)).unwrap();
+    writer
+        .execute_batch("CREATE TABLE IF NOT EXISTS test_pad (value TEXT NOT NULL)")
+        .unwrap();
     let wal = db.with_extension("db-wal");
     let size = || fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
     let before = size();
-    for i in 0..10_000 {
+    for _ in 0..10_000 {
         writer
             .execute(
-                "INSERT INTO meta (key, value) VALUES (?1, ?2)",
-                (format!("test-pad-{i}"), "x".repeat(1000)),
+                "INSERT INTO test_pad (value) VALUES (?1)",
+                ["x".repeat(1000)],
             )
             .unwrap();
         if size() > before {
