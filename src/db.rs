@@ -8,6 +8,8 @@
 //! committed in between, ignoring the busy timeout.
 
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam::channel::{self, Receiver, Sender};
@@ -56,7 +58,14 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (scope, key)
      );
      CREATE INDEX keys_finished ON idempotency_keys (finished_at_ms) WHERE finished_at_ms IS NOT NULL;",
+    // 2: a place for the writes that prove the database can be written (start-up, readiness).
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
 ];
+
+/// Records `value` under `key` in `meta`: a real write, which is how a read-only file, a full
+/// disk or an I/O error is noticed before a payment depends on it.
+const META_UPSERT: &str = "INSERT INTO meta (key, value) VALUES (?1, ?2)
+                           ON CONFLICT (key) DO UPDATE SET value = excluded.value";
 
 /// Why a database step did not complete.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +74,11 @@ pub enum DbError {
     AcquireTimeout,
     #[error("the write did not get the database lock within its slice")]
     Busy,
+    /// The database cannot be written: disk full, read-only, I/O error, cannot be opened.
+    /// `new_incident` is true for the first such failure after writes last succeeded, so the
+    /// cause is logged once per incident.
+    #[error("the database cannot be written: {cause}")]
+    Unavailable { cause: String, new_incident: bool },
     #[error("database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
     #[error("pool error: {0}")]
@@ -72,10 +86,17 @@ pub enum DbError {
 }
 
 impl DbError {
-    fn from_sqlite(e: rusqlite::Error) -> DbError {
+    /// Sorts a SQLite error: busy (the write's slice ran out), storage that cannot be written,
+    /// or anything else.
+    pub fn from_sqlite(e: rusqlite::Error) -> DbError {
+        use rusqlite::ErrorCode::*;
         match e.sqlite_error_code() {
-            Some(rusqlite::ErrorCode::DatabaseBusy) | Some(rusqlite::ErrorCode::DatabaseLocked) => {
-                DbError::Busy
+            Some(DatabaseBusy | DatabaseLocked) => DbError::Busy,
+            Some(DiskFull | SystemIoFailure | ReadOnly | CannotOpen | PermissionDenied) => {
+                DbError::Unavailable {
+                    cause: e.to_string(),
+                    new_incident: false,
+                }
             }
             _ => DbError::Sqlite(e),
         }
@@ -93,6 +114,11 @@ pub struct Db {
     /// single token before they borrow a connection; SQLite's own busy wait is left only for
     /// writers in other processes.
     write_token: (Sender<()>, Receiver<()>),
+    /// Set while writes fail because the storage cannot be written (see
+    /// [`DbError::Unavailable`]); cleared by the next write that succeeds. Readiness fails
+    /// meanwhile, and the housekeeping thread probes with [`Db::probe_write`] so that a server
+    /// nobody sends work to still notices the recovery.
+    writes_failing: Arc<AtomicBool>,
 }
 
 impl Db {
@@ -119,6 +145,20 @@ impl Db {
             .pragma_update(None, "journal_mode", "WAL")
             .map_err(|e| format!("cannot enable WAL on {}: {e}", path.display()))?;
         migrate(&mut setup).map_err(|e| format!("migrating {}: {e}", path.display()))?;
+        // SQLite opens a file it may not write read-only without a word, and a migrated
+        // database needs no write to start: only an actual write shows that payments can be
+        // recorded. Root ignores file modes, so this is also the only check that holds for it.
+        setup
+            .execute(
+                META_UPSERT,
+                params!["started_at", timestamp(SystemTime::now())],
+            )
+            .map_err(|e| {
+                format!(
+                    "{} cannot be written ({e}): check the file's and its directory's permissions, the mount and the free space",
+                    path.display()
+                )
+            })?;
         drop(setup);
 
         let manager = SqliteConnectionManager::file(path).with_init(move |c| {
@@ -143,7 +183,11 @@ impl Db {
             .0
             .send(())
             .map_err(|_| "cannot create the write token".to_string())?;
-        Ok(Db { pool, write_token })
+        Ok(Db {
+            pool,
+            write_token,
+            writes_failing: Arc::new(AtomicBool::new(false)),
+        })
     }
 
     /// The right to write: this process's write token, then a pooled connection, both within
@@ -160,6 +204,22 @@ impl Db {
         Ok(Writer {
             conn,
             _token: token,
+            writes_failing: self.writes_failing.clone(),
+        })
+    }
+
+    /// Whether the last write reached the storage (false during a disk-full or I/O incident).
+    pub fn storage_healthy(&self) -> bool {
+        !self.writes_failing.load(Ordering::SeqCst)
+    }
+
+    /// One small real write (to `meta`), to find out whether the storage can be written again.
+    pub fn probe_write(&self, timeout: Duration) -> Result<(), DbError> {
+        let stamp = timestamp(SystemTime::now());
+        self.writer(timeout)?.transaction(timeout, |tx| {
+            tx.prepare_cached(META_UPSERT)?
+                .execute(params!["write_probe", stamp])
+                .map(|_| ())
         })
     }
 
@@ -180,14 +240,17 @@ impl Db {
         (s.connections, s.idle_connections)
     }
 
-    /// Whether the database answers a trivial query within `timeout` (readiness).
+    /// Whether the database can take work (readiness): writes are not failing, and it answers
+    /// a trivial query within `timeout`.
     pub fn ping(&self, timeout: Duration) -> bool {
-        self.acquire(timeout)
-            .and_then(|c| {
-                c.query_row("SELECT 1", [], |_| Ok(()))
-                    .map_err(DbError::from)
-            })
-            .is_ok()
+        self.storage_healthy()
+            && self
+                .acquire(timeout)
+                .and_then(|c| {
+                    c.query_row("SELECT 1", [], |_| Ok(()))
+                        .map_err(DbError::from)
+                })
+                .is_ok()
     }
 
     /// Copies what it can of the WAL into the database file without waiting for anyone. SQLite
@@ -225,6 +288,7 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
 pub struct Writer {
     conn: Conn,
     _token: TokenGuard,
+    writes_failing: Arc<AtomicBool>,
 }
 
 impl Writer {
@@ -235,7 +299,22 @@ impl Writer {
         busy: Duration,
         f: impl FnOnce(&Transaction) -> rusqlite::Result<T>,
     ) -> Result<T, DbError> {
-        write_tx(&mut self.conn, busy, f)
+        match write_tx(&mut self.conn, busy, f) {
+            Err(DbError::Unavailable { cause, .. }) => {
+                let new_incident = !self.writes_failing.swap(true, Ordering::SeqCst);
+                Err(DbError::Unavailable {
+                    cause,
+                    new_incident,
+                })
+            }
+            Ok(value) => {
+                if self.writes_failing.swap(false, Ordering::SeqCst) {
+                    log::warn!("storage: writes succeed again; ready for work");
+                }
+                Ok(value)
+            }
+            Err(other) => Err(other),
+        }
     }
 }
 
@@ -520,6 +599,61 @@ mod tests {
         assert!(db.acquire(Duration::from_millis(50)).is_ok());
         drop(first);
         assert!(db.writer(Duration::from_millis(50)).is_ok());
+    }
+
+    #[test]
+    fn a_full_database_is_unavailable_once_per_incident_until_a_write_succeeds() {
+        // One pooled connection, so the page limit set on it applies to every write here.
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(
+            &dir.path().join("full.db"),
+            1,
+            SyncMode::Normal,
+            Duration::from_millis(100),
+        )
+        .unwrap();
+        let limit = |pages: &str| {
+            let c = db.acquire(Duration::from_secs(1)).unwrap();
+            c.pragma_update(None, "max_page_count", pages).unwrap();
+        };
+        let big = |db: &Db| {
+            db.writer(Duration::from_secs(1)).unwrap().transaction(
+                Duration::from_millis(100),
+                |tx| {
+                    tx.execute(
+                        "INSERT INTO meta (key, value) VALUES (?1, ?2)",
+                        params![crate::ids::request_id(), "x".repeat(64 * 1024)],
+                    )
+                },
+            )
+        };
+        assert!(db.storage_healthy());
+        let pages: i64 = db
+            .acquire(Duration::from_secs(1))
+            .unwrap()
+            .query_row("PRAGMA page_count", [], |r| r.get(0))
+            .unwrap();
+        limit(&pages.to_string());
+        match big(&db) {
+            Err(DbError::Unavailable {
+                cause,
+                new_incident: true,
+            }) => assert!(cause.contains("full"), "{cause}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            big(&db),
+            Err(DbError::Unavailable {
+                new_incident: false,
+                ..
+            })
+        ));
+        assert!(!db.storage_healthy());
+        assert!(!db.ping(Duration::from_secs(1)), "readiness fails");
+        limit("1073741823");
+        db.probe_write(Duration::from_secs(1)).unwrap();
+        assert!(db.storage_healthy());
+        assert!(db.ping(Duration::from_secs(1)));
     }
 
     #[test]

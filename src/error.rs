@@ -8,6 +8,10 @@ use serde_json::{Value, json};
 use crate::deadline::Step;
 use crate::http::Reply;
 
+/// `Retry-After` of a 503 `storage-unavailable`: a full disk or a read-only file needs a person,
+/// so clients should not retry at once.
+const STORAGE_RETRY_AFTER_S: u64 = 5;
+
 /// One invalid field of a request body.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct FieldError {
@@ -64,10 +68,9 @@ pub enum ApiError {
     HeadersTooLarge(String),
     #[error("{detail}")]
     Overloaded { detail: String, retry_after_s: u64 },
-    #[error(
-        "the payment provider answered {status}: the charge may or may not exist; retry with the same Idempotency-Key"
-    )]
-    ProviderError { status: u16, payment: Value },
+    /// The provider's answer does not say in full that this charge succeeded or was declined.
+    #[error("{detail}: the charge may or may not exist; retry with the same Idempotency-Key")]
+    ProviderError { detail: String, payment: Value },
     #[error("{detail}")]
     ProviderUnavailable {
         detail: String,
@@ -78,6 +81,12 @@ pub enum ApiError {
     RateLimited { retry_after_s: u64 },
     #[error("the server is shutting down; retry on a new connection")]
     ShuttingDown,
+    /// The database cannot be written (disk full, read-only, I/O error). The cause is logged,
+    /// not sent; `payment` is there when a charge was sent.
+    #[error(
+        "the database cannot be written right now; the incident is logged with this request id; retry later with the same Idempotency-Key"
+    )]
+    StorageUnavailable { payment: Option<Value> },
     #[error("the request's deadline ran out before or during step `{}`", step.name())]
     DeadlineExceeded { step: Step, payment: Option<Value> },
     #[error("internal error; the incident is logged with this request id")]
@@ -114,7 +123,8 @@ impl ApiError {
             ApiError::ProviderError { .. } => 502,
             ApiError::Overloaded { .. }
             | ApiError::ProviderUnavailable { .. }
-            | ApiError::ShuttingDown => 503,
+            | ApiError::ShuttingDown
+            | ApiError::StorageUnavailable { .. } => 503,
             ApiError::DeadlineExceeded { .. } => 504,
         }
     }
@@ -142,6 +152,7 @@ impl ApiError {
             ApiError::ProviderError { .. } => "provider-error",
             ApiError::ProviderUnavailable { .. } => "provider-unavailable",
             ApiError::ShuttingDown => "shutting-down",
+            ApiError::StorageUnavailable { .. } => "storage-unavailable",
             ApiError::DeadlineExceeded { .. } => "deadline-exceeded",
             ApiError::Internal(_) => "internal-error",
         }
@@ -169,6 +180,7 @@ impl ApiError {
             ApiError::ProviderError { .. } => "Payment provider error",
             ApiError::ProviderUnavailable { .. } => "Payment provider unavailable",
             ApiError::ShuttingDown => "Shutting down",
+            ApiError::StorageUnavailable { .. } => "Storage unavailable",
             ApiError::DeadlineExceeded { .. } => "Deadline exceeded",
             ApiError::Internal(_) => "Internal server error",
         }
@@ -205,6 +217,12 @@ impl ApiError {
                 ..
             } => {
                 headers.push(("Retry-After", retry_after_s.to_string()));
+                if let Some(p) = payment {
+                    body["payment"] = p;
+                }
+            }
+            ApiError::StorageUnavailable { payment } => {
+                headers.push(("Retry-After", STORAGE_RETRY_AFTER_S.to_string()));
                 if let Some(p) = payment {
                     body["payment"] = p;
                 }
@@ -268,5 +286,25 @@ mod tests {
         .into_reply("r");
         assert_eq!(body(&r)["step"], "provider");
         assert!(body(&r)["detail"].as_str().unwrap().contains("provider"));
+    }
+
+    #[test]
+    fn storage_unavailable_is_a_retryable_503_that_carries_a_sent_payment() {
+        let r = ApiError::StorageUnavailable {
+            payment: Some(json!({"id": "pay_1", "status": "pending"})),
+        }
+        .into_reply("req_9");
+        assert_eq!(r.status, 503);
+        let b = body(&r);
+        assert_eq!(b["code"], "storage-unavailable");
+        assert_eq!(b["payment"]["status"], "pending");
+        assert_eq!(b["request_id"], "req_9");
+        assert!(
+            r.headers
+                .iter()
+                .any(|(k, v)| k == "Retry-After" && v == "5")
+        );
+        let r = ApiError::StorageUnavailable { payment: None }.into_reply("r");
+        assert!(body(&r).get("payment").is_none());
     }
 }

@@ -59,6 +59,12 @@ pub enum NextAction {
     Reused,
 }
 
+/// A new lock token: 128 random bits, one per attempt, made by the server (never a client's
+/// value, which may repeat).
+pub fn new_lock_token() -> String {
+    format!("lock_{:032x}", rand::random::<u128>())
+}
+
 /// One request's hold on a key: whose key (`scope`), which key, and the token that identifies
 /// this attempt's lock.
 #[derive(Clone, Copy, Debug)]

@@ -27,7 +27,9 @@ pub fn create(app: &App, ctx: &mut Ctx, request: &mut Request) -> Result<Reply, 
     let input = parse_new_payment(&body)?;
     let fingerprint = idempotency::fingerprint("POST", "/payments", &input);
     let scope = ctx.scope()?.to_string();
-    let token = ctx.request_id.clone();
+    // The lock is this attempt's own: a client's X-Request-Id may repeat, and a lock token
+    // shared by two attempts would let one finish (or release) the other's key.
+    let token = idempotency::new_lock_token();
     let attempt = Attempt {
         scope: &scope,
         key: &key,
@@ -51,7 +53,7 @@ pub fn create(app: &App, ctx: &mut Ctx, request: &mut Request) -> Result<Reply, 
                 )
             })
         })
-        .map_err(|e| db_error(e, Step::Claim, None))?
+        .map_err(|e| db_error(e, Step::Claim, None, &ctx.request_id))?
     };
     let (mut payment, resumed) = match action {
         NextAction::Replay(stored) => {
@@ -100,7 +102,7 @@ pub fn create(app: &App, ctx: &mut Ctx, request: &mut Request) -> Result<Reply, 
                 idempotency::persist(tx, attempt, &payment, stored.as_ref(), SystemTime::now())
             })
         })
-        .map_err(|e| db_error(e, Step::Persist, Some(&payment)))
+        .map_err(|e| db_error(e, Step::Persist, Some(&payment), &ctx.request_id))
     });
     if persisted.is_ok() {
         app.metrics
@@ -111,11 +113,14 @@ pub fn create(app: &App, ctx: &mut Ctx, request: &mut Request) -> Result<Reply, 
     if let Err(e) = persisted {
         // The outcome could not be recorded: the key stays locked until its lock goes stale,
         // and a retry then resumes the same payment (the provider deduplicates the charge).
-        log::warn!(
-            "{}: could not persist {} ({e}); a retry will resume it",
-            ctx.request_id,
-            payment.id
-        );
+        // A storage incident is logged once, by `db_error`.
+        if !matches!(e, ApiError::StorageUnavailable { .. }) {
+            log::warn!(
+                "{}: could not persist {} ({e}); a retry will resume it",
+                ctx.request_id,
+                payment.id
+            );
+        }
         return Err(match e {
             ApiError::Overloaded { .. } => ApiError::DeadlineExceeded {
                 step: Step::Acquire,
@@ -155,7 +160,7 @@ fn settle(
             payment.failure_code = Some(code);
             final_answer(payment, request_id)
         }
-        Some(ChargeOutcome::Ambiguous { status, detail }) => {
+        Some(ChargeOutcome::Ambiguous { detail, .. }) => {
             log::warn!(
                 "{request_id}: provider answer for {} is ambiguous: {detail}",
                 payment.id
@@ -164,7 +169,7 @@ fn settle(
             (
                 None,
                 Err(ApiError::ProviderError {
-                    status,
+                    detail,
                     payment: payment.to_json(),
                 }),
             )
@@ -303,7 +308,7 @@ pub fn get(app: &App, ctx: &mut Ctx, id: &str) -> Result<Reply, ApiError> {
     match db::get_payment(&conn, &scope, id) {
         Ok(Some(p)) => Ok(Reply::json(200, &p)),
         Ok(None) => Err(ApiError::NotFound),
-        Err(e) => Err(ApiError::Internal(e.to_string())),
+        Err(e) => Err(read_error(e)),
     }
 }
 
@@ -342,7 +347,7 @@ pub fn list(app: &App, ctx: &mut Ctx, query: &str) -> Result<Reply, ApiError> {
             detail: "starting_after names no payment of yours".into(),
             errors: vec![FieldError::new("starting_after", "no such payment")],
         }),
-        Err(e) => Err(ApiError::Internal(e.to_string())),
+        Err(e) => Err(read_error(e)),
     }
 }
 
@@ -391,12 +396,36 @@ fn slice(app: &App, ctx: &Ctx, op: Op) -> Result<std::time::Duration, ApiError> 
         })
 }
 
-fn db_error(e: DbError, step: Step, payment: Option<&Payment>) -> ApiError {
+/// A failed write as the client sees it; a storage incident's cause is logged here, once per
+/// incident, with the request id of the write that found it.
+fn db_error(e: DbError, step: Step, payment: Option<&Payment>, request_id: &str) -> ApiError {
     match e {
         DbError::Busy => ApiError::DeadlineExceeded {
             step,
             payment: payment.map(as_pending),
         },
+        DbError::Unavailable {
+            cause,
+            new_incident,
+        } => {
+            if new_incident {
+                log::error!(
+                    "{request_id}: storage unavailable at step {}: {cause}; payments answer 503 and readiness fails until a write succeeds",
+                    step.name()
+                );
+            }
+            ApiError::StorageUnavailable {
+                payment: payment.map(as_pending),
+            }
+        }
+        other => ApiError::Internal(other.to_string()),
+    }
+}
+
+/// A failed read: storage that cannot be read is 503 like one that cannot be written.
+fn read_error(e: rusqlite::Error) -> ApiError {
+    match DbError::from_sqlite(e) {
+        DbError::Unavailable { .. } => ApiError::StorageUnavailable { payment: None },
         other => ApiError::Internal(other.to_string()),
     }
 }
@@ -437,14 +466,61 @@ fn unescape_sf_string(inner: &str) -> Option<String> {
     Some(out)
 }
 
+/// The members of a JSON object, and the names that occur more than once. serde_json's own
+/// map keeps the last of duplicate keys without a word (`{"amount":1,"amount":777}` would
+/// charge 777), so the object is read member by member here.
+#[derive(Debug, Default)]
+struct Members {
+    fields: Map<String, Value>,
+    duplicates: Vec<String>,
+}
+
+impl<'de> serde::Deserialize<'de> for Members {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Members, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Members;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Members, A::Error> {
+                let mut m = Members::default();
+                while let Some(name) = map.next_key::<String>()? {
+                    let value: Value = map.next_value()?;
+                    if m.fields.contains_key(&name) {
+                        if !m.duplicates.contains(&name) {
+                            m.duplicates.push(name);
+                        }
+                    } else {
+                        m.fields.insert(name, value);
+                    }
+                }
+                Ok(m)
+            }
+        }
+        d.deserialize_map(Visit)
+    }
+}
+
 /// Validates the body of `POST /payments`, reporting every bad field at once.
 pub fn parse_new_payment(body: &[u8]) -> Result<NewPayment, ApiError> {
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::invalid(format!("the body is not valid JSON: {e}")))?;
-    let Value::Object(mut fields) = value else {
-        return Err(ApiError::invalid("the body must be a JSON object"));
-    };
-    let mut errors = Vec::new();
+    let Members {
+        mut fields,
+        duplicates,
+    } = serde_json::from_slice(body).map_err(|e| {
+        ApiError::invalid(match e.classify() {
+            // The only type the members can have is "any value": a data error is the top level.
+            serde_json::error::Category::Data => "the body must be a JSON object".to_string(),
+            _ => format!("the body is not valid JSON: {e}"),
+        })
+    })?;
+    let mut errors: Vec<FieldError> = duplicates
+        .iter()
+        .map(|name| FieldError::new(name, "appears more than once"))
+        .collect();
     let amount = match fields.remove("amount") {
         Some(Value::Number(n)) => match n.as_i64() {
             Some(a) if (1..=MAX_AMOUNT).contains(&a) => Some(a),
@@ -639,10 +715,45 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert!(matches!(
-            parse_new_payment(b"[1]"),
-            Err(ApiError::InvalidRequest { .. })
-        ));
+        for not_an_object in [&b"[1]"[..], b"7", b"\"x\"", b"null"] {
+            match parse_new_payment(not_an_object) {
+                Err(ApiError::InvalidRequest { detail, .. }) => {
+                    assert!(detail.contains("must be a JSON object"), "{detail}")
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        match parse_new_payment(b"{\"amount\":1} trailing") {
+            Err(ApiError::InvalidRequest { detail, .. }) => {
+                assert!(detail.contains("not valid JSON"), "{detail}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_duplicate_key_is_named_not_silently_overwritten() {
+        assert_eq!(
+            errors_of(r#"{"amount":1,"amount":777,"currency":"usd","source":"x"}"#),
+            ["amount"]
+        );
+        match parse_new_payment(
+            br#"{"amount":1,"currency":"usd","source":"x","source":"y","source":"z"}"#,
+        ) {
+            Err(ApiError::InvalidRequest { detail, errors }) => {
+                assert_eq!(errors.len(), 1, "{errors:?}");
+                assert_eq!(errors[0].field, "source");
+                assert!(errors[0].message.contains("more than once"));
+                assert!(detail.contains("source"), "{detail}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // Nested objects are values like any other: only the body's own members count.
+        assert_eq!(
+            errors_of(r#"{"amount":1,"currency":"usd","source":"x","tip":{"a":1,"a":2}}"#),
+            ["tip"]
+        );
+        assert!(parse_new_payment(br#"{"amount":1,"currency":"usd","source":"x"}"#).is_ok());
     }
 
     #[test]

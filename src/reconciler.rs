@@ -1,12 +1,15 @@
 //! The housekeeping thread: the reconciler, which settles payments whose requests are gone
-//! before their outcome was known; the sweeper, which deletes expired idempotency keys; and the
-//! WAL checkpoint, every 100 ms, off the writers' path.
+//! before their outcome was known; the sweeper, which deletes expired idempotency keys; the
+//! WAL checkpoint, every 100 ms, off the writers' path; and, while storage writes fail, a small
+//! probe write every 100 ms that notices the recovery.
 //!
 //! The reconciler only ever *asks* the provider (`GET /v1/charges?idempotency_key=<payment id>`);
-//! it never creates a charge. A charge the provider holds settles the payment (`succeeded` or
-//! `declined`) and stores the response a retry will replay; no charge, once the last attempt is
-//! older than the provider timeout plus [`NO_CHARGE_MARGIN`], makes the payment `failed` with its
-//! key retryable. It runs at start-up too, so after a crash the same mechanism picks up what the
+//! it never creates a charge. A charge the provider holds under that key and reports as
+//! `succeeded` or `declined` settles the payment and stores the response a retry will replay; a
+//! well-formed answer with no charge, once the last attempt is older than the provider timeout
+//! plus [`NO_CHARGE_MARGIN`], makes the payment `failed` with its key retryable. Any other answer
+//! (a charge still `pending`, another key's charge, an error) settles nothing: the payment is
+//! asked about again next round. It runs at start-up too, so after a crash the same mechanism picks up what the
 //! dead process left behind.
 
 use std::sync::Arc;
@@ -16,9 +19,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::app::App;
 use crate::breaker::State;
-use crate::db::{self, PaymentStatus};
+use crate::db::{self, DbError, PaymentStatus};
 use crate::idempotency::{self, Unsettled};
 use crate::payments;
+use crate::provider::client::{ChargeOutcome, LookupAnswer};
 
 /// How often unsettled payments are looked for.
 const RECONCILE_EVERY: Duration = Duration::from_secs(1);
@@ -40,8 +44,17 @@ pub fn spawn(app: Arc<App>, stop: Arc<AtomicBool>) -> Result<JoinHandle<()>, Str
             let mut next_sweep = Instant::now();
             let mut next_reconcile = Instant::now();
             while !stop.load(Ordering::SeqCst) {
-                if let Err(e) = app.db.checkpoint_passive(Duration::from_secs(1)) {
-                    log::warn!("WAL checkpoint: {e}");
+                match app.db.checkpoint_passive(Duration::from_secs(1)) {
+                    Err(e) if app.db.storage_healthy() => log::warn!("WAL checkpoint: {e}"),
+                    // During a storage incident its cause is logged once, by the write that
+                    // found it.
+                    Err(e) => log::debug!("WAL checkpoint: {e}"),
+                    Ok(()) => {}
+                }
+                // While writes fail, readiness fails and traffic may stop: probe, so that the
+                // recovery is noticed without waiting for a payment to try.
+                if !app.db.storage_healthy() {
+                    let _ = app.db.probe_write(app.config.write_timeout);
                 }
                 if Instant::now() >= next_reconcile {
                     reconcile(&app);
@@ -87,30 +100,34 @@ pub fn reconcile(app: &App) -> usize {
 }
 
 fn settle_one(app: &App, u: &Unsettled, stale: i64) -> bool {
-    let charges = match app
+    let answer = app
         .provider
-        .lookup(&u.payment.id, app.config.provider_timeout)
-    {
-        Ok(c) => c,
-        Err(e) => {
-            log::debug!("reconciler: lookup of {} failed: {e}", u.payment.id);
-            return false;
-        }
-    };
+        .lookup(&u.payment.id, app.config.provider_timeout);
     let now = SystemTime::now();
     let mut payment = u.payment.clone();
-    match charges.first() {
-        Some(charge) if charge.status == "succeeded" => {
+    match answer {
+        LookupAnswer::Final(ChargeOutcome::Charged { charge_id }) => {
             payment.status = PaymentStatus::Succeeded;
-            payment.provider_charge_id = Some(charge.id.clone());
+            payment.provider_charge_id = Some(charge_id);
             payment.failure_code = None;
         }
-        Some(charge) => {
+        LookupAnswer::Final(ChargeOutcome::Declined { charge_id, code }) => {
             payment.status = PaymentStatus::Declined;
-            payment.provider_charge_id = Some(charge.id.clone());
-            payment.failure_code = Some("card_declined".into());
+            payment.provider_charge_id = charge_id;
+            payment.failure_code = Some(code);
         }
-        None => {
+        LookupAnswer::Final(other) => {
+            log::warn!(
+                "reconciler: {}: unexpected lookup outcome {other:?}",
+                u.payment.id
+            );
+            return false;
+        }
+        LookupAnswer::Unknown(why) => {
+            log::debug!("reconciler: {} not settled: {why}", u.payment.id);
+            return false;
+        }
+        LookupAnswer::NoCharge => {
             let last_attempt = humantime::parse_rfc3339(&payment.updated_at).unwrap_or(now);
             let age = now.duration_since(last_attempt).unwrap_or_default();
             if age < app.config.provider_timeout + NO_CHARGE_MARGIN {
@@ -142,6 +159,10 @@ fn settle_one(app: &App, u: &Unsettled, stale: i64) -> bool {
             true
         }
         Ok(false) => false,
+        Err(DbError::Unavailable {
+            new_incident: false,
+            ..
+        }) => false,
         Err(e) => {
             log::warn!("reconciler: cannot settle {}: {e}", payment.id);
             false

@@ -4,6 +4,11 @@
 //! Classifying the outcome is the part that matters for money: a refused connection means
 //! nothing was sent (the payment can be `failed`), while a timeout or a 5xx after the request
 //! went out means the charge may exist (`pending`, resolved later by asking the provider).
+//! Only an answer that says in full that *this* charge succeeded (200, a charge with our
+//! idempotency key, amount and currency, `status: "succeeded"`) or was declined (402, the same
+//! with `status: "declined"`) is final; anything else — `200 {"status":"failed"}`, a 202, a
+//! charge for another key, a redirect, a body we cannot read — is ambiguous. Redirects are
+//! never followed: the Idempotency-Key and the card go to the configured provider only.
 
 use std::io::Read;
 use std::sync::Arc;
@@ -29,14 +34,15 @@ pub struct ChargeRequest<'a> {
 /// What one charge attempt came to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ChargeOutcome {
-    /// 200: charged.
+    /// 200 with this charge, `succeeded`: charged.
     Charged { charge_id: String },
-    /// 402: the card was declined.
+    /// 402 with this charge, `declined`: the card was declined.
     Declined {
         charge_id: Option<String>,
         code: String,
     },
-    /// 5xx, or an answer we cannot read: the charge may or may not exist.
+    /// Any other answer (5xx, 3xx, a charge that is not ours or not final, a body we cannot
+    /// read): the charge may or may not exist. `detail` says what was wrong, for the client.
     Ambiguous { status: u16, detail: String },
     /// No answer within the slice after the request may have gone out.
     Timeout,
@@ -46,9 +52,15 @@ pub enum ChargeOutcome {
     Rejected { retry_after: Duration },
 }
 
+/// A charge as the provider writes it (`POST /v1/charges` answers and lookups). Every field is
+/// optional here so that a partial answer is read, judged, and found wanting — not an error.
 #[derive(Deserialize)]
 struct ChargeBody {
     id: Option<String>,
+    status: Option<String>,
+    idempotency_key: Option<String>,
+    amount: Option<i64>,
+    currency: Option<String>,
     error: Option<ErrorBody>,
 }
 
@@ -57,16 +69,21 @@ struct ErrorBody {
     code: Option<String>,
 }
 
-/// A charge as the provider reports it on lookup.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
-pub struct Charge {
-    pub id: String,
-    pub status: String,
-}
-
 #[derive(Deserialize)]
 struct ChargeList {
-    data: Vec<Charge>,
+    data: Vec<ChargeBody>,
+}
+
+/// What a lookup (`GET /v1/charges?idempotency_key=K`) says about the charge under `K`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LookupAnswer {
+    /// The provider holds this charge and says how it ended: `Charged` or `Declined`.
+    Final(ChargeOutcome),
+    /// A well-formed answer listing no charge under the key.
+    NoCharge,
+    /// Anything else — a charge still `pending`, a status we do not know, another key's
+    /// charge, an error or an unreadable answer: nothing can be settled from it.
+    Unknown(String),
 }
 
 /// The shared client: one agent (and its connection pool) behind one breaker.
@@ -92,6 +109,9 @@ impl ProviderClient {
     ) -> ProviderClient {
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
+            // A redirect is an answer like any other (and not a final one): following it would
+            // send the Idempotency-Key and the card to whatever host it names.
+            .max_redirects(0)
             .max_idle_connections(pool)
             .max_idle_connections_per_host(pool)
             .timeout_connect(Some(connect_timeout))
@@ -200,49 +220,141 @@ impl ProviderClient {
             } else {
                 ChargeOutcome::Ambiguous {
                     status,
-                    detail: format!("reading the answer: {e}"),
+                    detail: format!("reading the payment provider's answer failed ({e})"),
                 }
             };
         }
-        let parsed: Option<ChargeBody> = serde_json::from_slice(&raw).ok();
-        match (status, parsed) {
-            (200..=299, Some(ChargeBody { id: Some(id), .. })) => {
-                ChargeOutcome::Charged { charge_id: id }
-            }
-            (402, body) => ChargeOutcome::Declined {
-                charge_id: body.as_ref().and_then(|b| b.id.clone()),
-                code: body
-                    .and_then(|b| b.error)
-                    .and_then(|e| e.code)
-                    .unwrap_or_else(|| "card_declined".into()),
-            },
-            (status, _) => ChargeOutcome::Ambiguous {
-                status,
-                detail: format!("provider answered {status}"),
-            },
-        }
+        classify_answer(status, &raw, request)
     }
 
-    /// `GET /v1/charges?idempotency_key=K`: the charges the provider holds under `key`.
-    pub fn lookup(&self, key: &str, timeout: Duration) -> Result<Vec<Charge>, String> {
-        let mut response = self
+    /// `GET /v1/charges?idempotency_key=K`: what the provider holds under `key`.
+    pub fn lookup(&self, key: &str, timeout: Duration) -> LookupAnswer {
+        let sent = self
             .agent
             .get(format!("{}/v1/charges", self.base))
             .query("idempotency_key", key)
             .config()
             .timeout_global(Some(timeout))
             .build()
-            .call()
-            .map_err(|e| e.to_string())?;
-        if response.status().as_u16() != 200 {
-            return Err(format!("provider answered {}", response.status()));
-        }
-        response
+            .call();
+        let mut response = match sent {
+            Ok(r) => r,
+            Err(e) => return LookupAnswer::Unknown(e.to_string()),
+        };
+        let status = response.status().as_u16();
+        let mut raw = Vec::new();
+        if let Err(e) = response
             .body_mut()
-            .read_json::<ChargeList>()
-            .map(|l| l.data)
-            .map_err(|e| e.to_string())
+            .as_reader()
+            .take(1024 * 1024)
+            .read_to_end(&mut raw)
+        {
+            return LookupAnswer::Unknown(format!("reading the answer: {e}"));
+        }
+        classify_lookup(status, &raw, key)
     }
+}
+
+/// Judges a `POST /v1/charges` answer to `request`: final only when it says, in full, that
+/// this charge succeeded (200) or was declined (402).
+pub fn classify_answer(status: u16, raw: &[u8], request: &ChargeRequest) -> ChargeOutcome {
+    let ambiguous = |detail: String| ChargeOutcome::Ambiguous { status, detail };
+    let expected = match status {
+        200 => "succeeded",
+        402 => "declined",
+        300..=399 => {
+            return ambiguous(format!(
+                "the payment provider answered {status} (a redirect, not followed)"
+            ));
+        }
+        _ => return ambiguous(format!("the payment provider answered {status}")),
+    };
+    let Ok(body) = serde_json::from_slice::<ChargeBody>(raw) else {
+        return ambiguous(format!(
+            "the payment provider answered {status} with a body that is not a charge"
+        ));
+    };
+    if let Err(what) = is_this_charge(&body, request.idempotency_key, expected) {
+        return ambiguous(format!("the payment provider answered {status} {what}"));
+    }
+    if body.amount != Some(request.amount) || body.currency.as_deref() != Some(request.currency) {
+        return ambiguous(format!(
+            "the payment provider answered {status} with a different amount or currency"
+        ));
+    }
+    let charge_id = body.id.unwrap_or_default();
+    if status == 200 {
+        ChargeOutcome::Charged { charge_id }
+    } else {
+        ChargeOutcome::Declined {
+            charge_id: Some(charge_id),
+            code: body
+                .error
+                .and_then(|e| e.code)
+                .unwrap_or_else(|| "card_declined".into()),
+        }
+    }
+}
+
+/// Whether `body` is a charge with an id, made under `key`, whose status is `expected`;
+/// otherwise what is wrong with it, as the end of a sentence.
+fn is_this_charge(body: &ChargeBody, key: &str, expected: &str) -> Result<(), String> {
+    if body.idempotency_key.as_deref() != Some(key) {
+        return Err("for another idempotency key, or without one".into());
+    }
+    if body.id.as_deref().is_none_or(str::is_empty) {
+        return Err("without a charge id".into());
+    }
+    match body.status.as_deref() {
+        Some(s) if s == expected => Ok(()),
+        Some(s) => Err(format!("with status `{s}`")),
+        None => Err("without a status".into()),
+    }
+}
+
+/// Judges a lookup answer for `key`: a final outcome only for exactly one charge under `key`
+/// whose status is `succeeded` or `declined`; `NoCharge` only for a well-formed empty list.
+pub fn classify_lookup(status: u16, raw: &[u8], key: &str) -> LookupAnswer {
+    if status != 200 {
+        return LookupAnswer::Unknown(format!("the lookup answered {status}"));
+    }
+    let list = match serde_json::from_slice::<ChargeList>(raw) {
+        Ok(l) => l,
+        Err(e) => return LookupAnswer::Unknown(format!("the lookup's answer is unreadable: {e}")),
+    };
+    let charge = match list.data.as_slice() {
+        [] => return LookupAnswer::NoCharge,
+        [one] => one,
+        more => {
+            return LookupAnswer::Unknown(format!("the lookup listed {} charges", more.len()));
+        }
+    };
+    let outcome = match charge.status.as_deref() {
+        Some("succeeded") => "succeeded",
+        Some("declined") => "declined",
+        other => {
+            return LookupAnswer::Unknown(format!(
+                "the charge is `{}`, not final",
+                other.unwrap_or("without a status")
+            ));
+        }
+    };
+    if let Err(what) = is_this_charge(charge, key, outcome) {
+        return LookupAnswer::Unknown(format!("the lookup listed a charge {what}"));
+    }
+    let charge_id = charge.id.clone().unwrap_or_default();
+    LookupAnswer::Final(if outcome == "succeeded" {
+        ChargeOutcome::Charged { charge_id }
+    } else {
+        ChargeOutcome::Declined {
+            charge_id: Some(charge_id),
+            code: charge
+                .error
+                .as_ref()
+                .and_then(|e| e.code.clone())
+                .unwrap_or_else(|| "card_declined".into()),
+        }
+    })
 }
 
 fn classify_error(e: ureq::Error) -> ChargeOutcome {
@@ -273,7 +385,124 @@ fn classify_error(e: ureq::Error) -> ChargeOutcome {
         // A reset or a protocol error after sending: the provider may have acted on it.
         other => ChargeOutcome::Ambiguous {
             status: 0,
-            detail: other.to_string(),
+            detail: format!(
+                "the connection to the payment provider failed after sending ({other})"
+            ),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const REQ: ChargeRequest = ChargeRequest {
+        idempotency_key: "pay_1",
+        amount: 500,
+        currency: "usd",
+        source: "tok_visa",
+    };
+
+    fn charge(status: &str, key: &str) -> String {
+        format!(
+            r#"{{"id":"ch_1","object":"charge","status":"{status}","amount":500,"currency":"usd","source":"tok_visa","idempotency_key":"{key}"}}"#
+        )
+    }
+
+    fn is_ambiguous(o: &ChargeOutcome) -> bool {
+        matches!(o, ChargeOutcome::Ambiguous { .. })
+    }
+
+    #[test]
+    fn only_a_full_answer_for_this_charge_is_final() {
+        assert_eq!(
+            classify_answer(200, charge("succeeded", "pay_1").as_bytes(), &REQ),
+            ChargeOutcome::Charged {
+                charge_id: "ch_1".into()
+            }
+        );
+        let declined = r#"{"id":"ch_2","status":"declined","amount":500,"currency":"usd","idempotency_key":"pay_1","error":{"code":"card_declined"}}"#;
+        assert_eq!(
+            classify_answer(402, declined.as_bytes(), &REQ),
+            ChargeOutcome::Declined {
+                charge_id: Some("ch_2".into()),
+                code: "card_declined".into()
+            }
+        );
+    }
+
+    #[test]
+    fn answers_that_do_not_say_this_charge_is_final_are_ambiguous() {
+        let cases: &[(u16, String)] = &[
+            (200, charge("failed", "pay_1")),
+            (200, charge("pending", "pay_1")),
+            (202, charge("pending", "pay_1")),
+            (201, charge("succeeded", "pay_1")),
+            (200, charge("succeeded", "pay_other")),
+            (200, r#"{"id":"ch_1","status":"succeeded"}"#.into()),
+            (200, charge("succeeded", "pay_1").replace("500", "777")),
+            (
+                200,
+                charge("succeeded", "pay_1").replace("\"ch_1\"", "\"\""),
+            ),
+            (200, "not json".into()),
+            (200, "[]".into()),
+            (200, String::new()),
+            (302, charge("succeeded", "pay_1")),
+            (402, r#"{"error":{"code":"card_declined"}}"#.into()),
+            (402, charge("succeeded", "pay_1")),
+            (500, charge("succeeded", "pay_1")),
+            (400, r#"{"error":{"code":"invalid_request"}}"#.into()),
+        ];
+        for (status, body) in cases {
+            let o = classify_answer(*status, body.as_bytes(), &REQ);
+            assert!(is_ambiguous(&o), "{status} {body} → {o:?}");
+        }
+        match classify_answer(302, b"", &REQ) {
+            ChargeOutcome::Ambiguous { detail, .. } => assert!(detail.contains("redirect")),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_lookup_settles_only_a_final_charge_under_this_key() {
+        let list = |c: &str| format!(r#"{{"data":[{c}]}}"#);
+        assert_eq!(
+            classify_lookup(200, list(&charge("succeeded", "pay_1")).as_bytes(), "pay_1"),
+            LookupAnswer::Final(ChargeOutcome::Charged {
+                charge_id: "ch_1".into()
+            })
+        );
+        assert!(matches!(
+            classify_lookup(200, list(&charge("declined", "pay_1")).as_bytes(), "pay_1"),
+            LookupAnswer::Final(ChargeOutcome::Declined { .. })
+        ));
+        assert_eq!(
+            classify_lookup(200, br#"{"data":[]}"#, "pay_1"),
+            LookupAnswer::NoCharge
+        );
+        for (status, body) in [
+            (200, list(&charge("pending", "pay_1"))),
+            (200, list(&charge("failed", "pay_1"))),
+            (200, list(&charge("succeeded", "pay_other"))),
+            (
+                200,
+                list(&format!(
+                    "{},{}",
+                    charge("succeeded", "pay_1"),
+                    charge("succeeded", "pay_1")
+                )),
+            ),
+            (200, "{}".to_string()),
+            (200, "nope".to_string()),
+            (500, r#"{"data":[]}"#.to_string()),
+            (302, r#"{"data":[]}"#.to_string()),
+        ] {
+            let a = classify_lookup(status, body.as_bytes(), "pay_1");
+            assert!(
+                matches!(a, LookupAnswer::Unknown(_)),
+                "{status} {body} → {a:?}"
+            );
+        }
     }
 }

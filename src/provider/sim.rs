@@ -280,10 +280,12 @@ fn create_charge(state: &State, mut request: Request) {
             match fate {
                 Fate::ChargeThenFail(true) => error(500, "processing_error"),
                 Fate::ChargeThenFail(false) => return state.timer.park(request, None, HANG_FOR),
-                _ if charge.status == "declined" => Reply::json(
-                    402,
-                    &json!({"id": charge.id, "status": "declined", "error": {"code": "card_declined"}}),
-                ),
+                // The whole charge, like a 200, so the client can check it is its own.
+                _ if charge.status == "declined" => {
+                    let mut body = serde_json::to_value(&charge).unwrap_or_default();
+                    body["error"] = json!({"code": "card_declined"});
+                    Reply::json(402, &body)
+                }
                 _ => Reply::json(200, &charge),
             }
         }

@@ -1,6 +1,5 @@
 //! The deadline budget, divided down the stack (issue: middleware, DI and the budget).
 
-use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::Duration;
 
@@ -82,10 +81,15 @@ fn a_client_budget_of_300ms_ends_a_slow_payment_in_about_300ms() {
     );
     let (_, slice) = timing(&r, "provider");
     let slice = slice.expect("the provider step names its slice");
+    // At most 300 − what persist keeps back (4 ms) − the timer allowance (30 ms); less by
+    // whatever the claim took (a cold first fsync on a busy machine: up to ~100 ms seen).
     assert!(
-        (200.0..=300.0).contains(&slice),
-        "provider slice {slice} ms"
+        (100.0..=266.0).contains(&slice),
+        "provider slice {slice} ms; {:?}",
+        r.header("Server-Timing")
     );
+    // The answer carries the payment whose charge was sent.
+    assert_eq!(r.body["payment"]["status"], "pending");
     let bad = pay_with(
         serve.url(),
         "short-2",
@@ -113,22 +117,17 @@ fn time_spent_queued_shows_in_server_timing_and_shrinks_the_provider_slice() {
         "--write-timeout",
         "20ms",
     ]);
-    let start = Arc::new(Barrier::new(2));
-    let handles: Vec<_> = (0..2)
-        .map(|i| {
-            let url = serve.url().to_string();
-            let start = start.clone();
-            thread::spawn(move || {
-                start.wait();
-                if i == 1 {
-                    // Arrive second.
-                    thread::sleep(Duration::from_millis(50));
-                }
-                pay(&url, &format!("queued-{i}"), &body(100))
-            })
-        })
-        .collect();
-    let rs: Vec<Resp> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    // The second is sent once the first is at the provider, so it queues behind it.
+    let rs: Vec<Resp> = thread::scope(|s| {
+        let first = s.spawn(|| pay(serve.url(), "queued-0", &body(100)));
+        eventually(
+            Duration::from_secs(5),
+            "the first reaches the provider",
+            || (provider_stats(&provider.url)["requests"] == 1).then_some(()),
+        );
+        let second = s.spawn(|| pay(serve.url(), "queued-1", &body(100)));
+        vec![first.join().unwrap(), second.join().unwrap()]
+    });
     for r in &rs {
         assert_eq!(r.status, 201, "{}", r.body);
     }
@@ -140,10 +139,92 @@ fn time_spent_queued_shows_in_server_timing_and_shrinks_the_provider_slice() {
     assert!(q0 < 50.0, "the first did not wait: {q0}");
     assert!(q1 > 300.0, "the second waited for the first: {q1}");
     assert_eq!(s0, 900.0, "the first gets the configured provider timeout");
-    // The second's slice is what its budget had left: 1000 − queue − earlier steps − the
-    // persist minimum (4 ms).
+    // The second's slice is what its budget had left: 1000 − queue − earlier steps − what
+    // persist keeps back (4 ms) − the provider timer's allowance for overrun (30 ms).
     assert!(
-        s1 < 1000.0 - q1 && s1 > 1000.0 - q1 - 60.0,
+        s1 < 1000.0 - q1 - 34.0 && s1 > 1000.0 - q1 - 100.0,
         "slice {s1} after queueing {q1} ms"
     );
+}
+
+/// The reproduction of the bug where the budget dropped the outcome of a charge: 20 ms
+/// acquire and write timeouts, a 500 ms provider, clients that allow 300 ms. The provider call
+/// times out (late, as timers do), and its outcome must still be recorded.
+#[test]
+fn a_charge_sent_is_always_recorded_pending_when_the_client_budget_runs_out() {
+    let _serial = exclusive();
+    let provider = provider(&["--latency", "500ms"]);
+    let serve = Serve::start(&[
+        "--provider-url",
+        &provider.url,
+        "--acquire-timeout",
+        "20ms",
+        "--write-timeout",
+        "20ms",
+        "--rate-limit",
+        "10000/s",
+        // The claims of 20 requests released at once queue for one writer; with an fsync per
+        // commit, the last would miss a 20 ms acquire timeout (shed before anything was sent,
+        // which is right, but not what this test is about).
+        "--sync",
+        "normal",
+        // Every call times out on purpose; the breaker would rightly open after ten of them.
+        "--breaker-window",
+        "100",
+        "--breaker-min-calls",
+        "100",
+    ]);
+    let short = [("Request-Timeout-Ms", "300")];
+    let check = |r: &Resp, key: &str| -> String {
+        assert_eq!(r.status, 504, "{key}: {}", r.body);
+        assert_eq!(r.body["code"], "deadline-exceeded", "{key}");
+        assert_eq!(r.body["step"], "provider", "{key}: {}", r.body);
+        assert_eq!(r.body["payment"]["status"], "pending", "{key}: {}", r.body);
+        // A little late at most: the persist is never skipped, but it is quick.
+        assert!(
+            r.elapsed < Duration::from_millis(900),
+            "{key}: {:?}",
+            r.elapsed
+        );
+        r.body["payment"]["id"].as_str().unwrap().to_string()
+    };
+    let mut keys = Vec::new();
+    for i in 0..20 {
+        let key = format!("seq-{i}");
+        let r = pay_with(serve.url(), &key, &body(100), &short);
+        keys.push((key.clone(), check(&r, &key)));
+    }
+    let together = concurrently(20, |i| {
+        pay_with(serve.url(), &format!("conc-{i}"), &body(100), &short)
+    });
+    for (i, r) in together.iter().enumerate() {
+        let key = format!("conc-{i}");
+        keys.push((key.clone(), check(r, &key)));
+    }
+    // Every row says what happened: the charge was sent and its outcome was not known yet
+    // (`pending`), or the reconciler has since asked the provider (`succeeded`); none is left
+    // `processing`, as if the charge had never gone out.
+    let rows = serve.rows();
+    assert_eq!(rows.len(), 40);
+    assert!(
+        rows.iter()
+            .all(|(_, status)| status == "pending" || status == "succeeded"),
+        "{rows:?}"
+    );
+    assert_eq!(provider_stats(&provider.url)["charges"], 40);
+
+    // Once the provider is fast, a retry of each key completes the same payment.
+    set_faults(&provider, r#"{"latency_ms":0}"#);
+    for (key, id) in &keys {
+        let r = pay(serve.url(), key, &body(100));
+        assert_eq!(r.status, 201, "{key}: {}", r.body);
+        assert_eq!(r.body["id"], id.as_str(), "{key}");
+    }
+    let succeeded = serve
+        .rows()
+        .iter()
+        .filter(|(_, status)| status == "succeeded")
+        .count();
+    assert_eq!(succeeded, 40);
+    assert_eq!(provider_stats(&provider.url)["charges"], 40);
 }

@@ -352,3 +352,41 @@ fn a_finished_key_expires_after_the_ttl_but_its_payment_stays() {
     assert_eq!(serve.rows().len(), 2, "payments are never deleted");
     assert_eq!(provider_stats(&serve.provider_url)["charges"], 2);
 }
+
+#[test]
+fn the_lock_belongs_to_the_attempt_not_to_the_clients_request_id() {
+    let provider = provider(&["--latency", "500ms"]);
+    let serve = Serve::start(&["--provider-url", &provider.url]);
+    let same_id = [("X-Request-Id", "client-chosen-id")];
+
+    // Two requests with one key and one X-Request-Id, at once: one charges, one waits its turn.
+    let rs = concurrently(2, |_| {
+        pay_with(serve.url(), "same-id", &body(100), &same_id)
+    });
+    let mut statuses: Vec<u16> = rs.iter().map(|r| r.status).collect();
+    statuses.sort();
+    assert_eq!(statuses, [201, 409], "{rs:?}");
+    for r in &rs {
+        assert_eq!(r.header("X-Request-Id"), Some("client-chosen-id"));
+    }
+    assert_eq!(provider_stats(&provider.url)["charges"], 1);
+
+    // While a request holds a key, its lock token is the server's, not the client's id.
+    thread::scope(|s| {
+        let first = s.spawn(|| pay_with(serve.url(), "token-key", &body(100), &same_id));
+        let token = eventually(Duration::from_secs(5), "the key is claimed", || {
+            serve
+                .db()
+                .query_row(
+                    "SELECT lock_token FROM idempotency_keys WHERE key = 'token-key'",
+                    [],
+                    |r| r.get::<_, Option<String>>(0),
+                )
+                .ok()
+                .flatten()
+        });
+        assert_ne!(token, "client-chosen-id");
+        assert!(token.len() >= 32, "{token}");
+        assert_eq!(first.join().unwrap().status, 201);
+    });
+}
