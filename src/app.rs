@@ -61,8 +61,14 @@ pub enum ServeError {
 
 /// Builds the dependencies, binds, logs `listening on http://ADDR`, and serves until SIGTERM or
 /// SIGINT.
-pub fn run_serve(config: ServeConfig) -> Result<(), ServeError> {
+pub fn run_serve(mut config: ServeConfig) -> Result<(), ServeError> {
     config.validate().map_err(ServeError::Config)?;
+    // Descriptors besides the connections': SQLite keeps three per pooled connection (database,
+    // WAL, shared memory), the provider client one per worker, and a margin for the rest.
+    let reserved = 64 + 3 * u64::from(config.pool_size) + 2 * u64::from(config.workers);
+    let fit = crate::front::fit_connections(config.max_connections as usize, reserved)
+        .map_err(ServeError::Runtime)?;
+    config.max_connections = u32::try_from(fit).unwrap_or(u32::MAX);
     let (keys, dev) = config.api_keys();
     if dev {
         log::warn!(
@@ -134,10 +140,11 @@ pub fn run_serve(config: ServeConfig) -> Result<(), ServeError> {
     let housekeeping = crate::reconciler::spawn(app.clone(), background_stop.clone())
         .map_err(ServeError::Runtime)?;
     log::info!(
-        "listening on http://{addr} (workers {}, queue {}, pool {}, db {}); provider {}",
+        "listening on http://{addr} (workers {}, queue {}, pool {}, connections {}, db {}); provider {}",
         app.config.workers,
         app.config.queue,
         app.config.pool_size,
+        app.config.max_connections,
         app.config.db.display(),
         provider_url
     );

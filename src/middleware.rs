@@ -44,8 +44,6 @@ pub struct Ctx {
     timings: [Duration; 5],
     /// What the idempotency layer decided, for the access log.
     pub idempotency: Option<&'static str>,
-    /// Whether the handler read the whole body (decides how the response is written).
-    pub body_consumed: bool,
     /// The rate limiter's decision, advertised on the response.
     pub rate: Option<Decision>,
     /// The timeout the provider call was given (its slice of the budget).
@@ -84,7 +82,6 @@ impl Ctx {
             principal: None,
             timings: [Duration::ZERO; 5],
             idempotency: None,
-            body_consumed: false,
             rate: None,
             provider_slice: None,
             shed: None,

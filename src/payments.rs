@@ -23,7 +23,6 @@ pub fn create(app: &App, ctx: &mut Ctx, request: &mut Request) -> Result<Reply, 
     let key = idempotency_key(request)?;
     http::require_json(request)?;
     let body = http::read_body(request, app.config.max_body)?;
-    ctx.body_consumed = true;
     let input = parse_new_payment(&body)?;
     let fingerprint = idempotency::fingerprint("POST", "/payments", &input);
     let scope = ctx.scope()?.to_string();

@@ -82,10 +82,7 @@ pub fn run(
     let inner = UnixListener::bind(&socket)
         .map_err(|e| format!("cannot bind {}: {e}", socket.display()))?;
     let server = tiny_http::Server::from_listener(inner, None).map_err(|e| e.to_string())?;
-    // Descriptors besides the connections': SQLite keeps three per pooled connection (database,
-    // WAL, shared memory), the provider client one per worker, and a margin for the rest.
-    let reserved = 64 + 3 * u64::from(app.config.pool_size) + 2 * u64::from(app.config.workers);
-    let max_connections = front::fit_connections(app.config.max_connections as usize, reserved)?;
+    let max_connections = app.config.max_connections as usize;
     if let Ok(addr) = listener.local_addr()
         && !addr.ip().is_loopback()
     {
@@ -435,6 +432,8 @@ fn metrics(app: &App) -> Reply {
 fn readiness(app: &App) -> Reply {
     if app.is_draining() {
         Reply::json(503, &json!({"status": "draining"}))
+    } else if !app.db.storage_healthy() {
+        Reply::json(503, &json!({"status": "storage unavailable"}))
     } else if !app.db.ping(app.config.acquire_timeout) {
         Reply::json(503, &json!({"status": "database unavailable"}))
     } else {
