@@ -64,8 +64,9 @@ pub enum ServeError {
 pub fn run_serve(mut config: ServeConfig) -> Result<(), ServeError> {
     config.validate().map_err(ServeError::Config)?;
     // Descriptors besides the connections': SQLite keeps three per pooled connection (database,
-    // WAL, shared memory), the provider client one per worker, and a margin for the rest.
-    let reserved = 64 + 3 * u64::from(config.pool_size) + 2 * u64::from(config.workers);
+    // WAL, shared memory); each worker's provider connection costs one here and, with the
+    // simulated provider in-process, up to three on its side; a margin for the rest.
+    let reserved = 64 + 3 * u64::from(config.pool_size) + 4 * u64::from(config.workers);
     let fit = crate::front::fit_connections(config.max_connections as usize, reserved)
         .map_err(ServeError::Runtime)?;
     config.max_connections = u32::try_from(fit).unwrap_or(u32::MAX);

@@ -14,8 +14,11 @@
 //! no total deadline. None of that can be bounded through its API, and it cannot be handed a
 //! socket it did not accept itself. So this module accepts, reads and checks, and tiny_http only
 //! ever sees a complete, well-formed request with an exact `Content-Length` on a unix socket in
-//! a directory only this user can enter. A client can therefore cost at most one thread, one
-//! socket and `max_request_bytes` of memory, for at most `--socket-timeout`, and never a worker.
+//! a directory only this user can enter. A client can therefore never hold a worker. It holds
+//! one thread and at most four descriptors of the front, and about twice
+//! [`Limits::max_request_bytes`] of memory (the request, and its copy on the way to tiny_http):
+//! for at most `--socket-timeout` while it sends, then while the workers answer (bounded by the
+//! request's budget), then at most `--socket-timeout` more while it reads the answer.
 //!
 //! Every answer says `Connection: close`: one request per connection. The front writes what the
 //! workers answered back to the client and closes.
@@ -49,15 +52,18 @@ pub const RECEIVED_HEADER: &str = "X-Paytrace-Received-Us";
 const MAX_CHUNK_LINE: usize = 1024;
 /// How long a refused client may keep sending before the socket is closed under it.
 const LINGER: Duration = Duration::from_millis(500);
-/// After the listener closed, how long a connection that has sent nothing yet is waited for.
-const IDLE_GRACE_AT_SHUTDOWN: Duration = Duration::from_secs(1);
+/// After the listener closed, how long a connection still has to send its whole request (one
+/// that has sent nothing yet is then closed without an answer; one half-way gets 408).
+const GRACE_AT_SHUTDOWN: Duration = Duration::from_secs(1);
+/// How often a blocked read wakes to notice that the listener closed.
+const WAKE: Duration = Duration::from_millis(100);
 /// How long a connection thread waits for another connection before it ends.
 const IDLE_THREAD: Duration = Duration::from_secs(2);
 /// Stack of a connection thread: the buffers live on the heap.
 const CONNECTION_STACK: usize = 256 * 1024;
-/// File descriptors one connection can hold at once: the client socket, and both ends of the
-/// unix socket to tiny_http.
-pub const FDS_PER_CONNECTION: u64 = 3;
+/// File descriptors one connection can hold at once: the client socket, the front's end of the
+/// unix socket to tiny_http, and tiny_http's end (which it duplicates for a body it reads lazily).
+pub const FDS_PER_CONNECTION: u64 = 4;
 
 /// The bounds one client lives within.
 #[derive(Clone, Debug)]
@@ -84,11 +90,10 @@ impl Limits {
 pub struct Front {
     /// Connections accepted and not yet closed.
     open: AtomicUsize,
-    /// Connections that have sent at least one byte and are not finished: the drain waits for
-    /// them.
-    busy: AtomicUsize,
-    /// Set when the listener closes: idle connections get [`IDLE_GRACE_AT_SHUTDOWN`].
+    /// Set when the listener closes: connections still reading get [`GRACE_AT_SHUTDOWN`].
     closing: AtomicBool,
+    /// Cleared when the accept loop returns.
+    accepting: AtomicBool,
     closed_at: OnceLock<Instant>,
     /// Why the accept loop stopped, if it stopped on its own.
     died: Mutex<Option<String>>,
@@ -103,9 +108,9 @@ impl Front {
         self.open.load(Ordering::SeqCst)
     }
 
-    /// Connections with a request in progress (bytes received, not yet answered and closed).
-    pub fn busy_connections(&self) -> usize {
-        self.busy.load(Ordering::SeqCst)
+    /// False once the accept loop has returned: no connection can be admitted any more.
+    pub fn accepting(&self) -> bool {
+        self.accepting.load(Ordering::SeqCst)
     }
 
     /// Stops accepting: new connections are refused from now on. Connections the kernel had
@@ -183,7 +188,7 @@ pub fn start(
     epoch();
     let front = Arc::new(Front {
         open: AtomicUsize::new(0),
-        busy: AtomicUsize::new(0),
+        accepting: AtomicBool::new(true),
         closing: AtomicBool::new(false),
         closed_at: OnceLock::new(),
         died: Mutex::new(None),
@@ -218,6 +223,11 @@ struct Shared {
 }
 
 fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener) {
+    accept_until_closed(shared, listener);
+    shared.front.accepting.store(false, Ordering::SeqCst);
+}
+
+fn accept_until_closed(shared: &Arc<Shared>, listener: &TcpListener) {
     let front = &shared.front;
     let mut last_warning: Option<Instant> = None;
     loop {
@@ -333,15 +343,6 @@ fn refuse_connection(shared: &Shared, stream: TcpStream) {
     );
 }
 
-/// Held while a connection has a request in progress.
-struct Busy<'a>(&'a AtomicUsize);
-
-impl Drop for Busy<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
 fn serve_connection(shared: &Shared, stream: TcpStream) {
     let limits = &shared.limits;
     let accepted = Instant::now();
@@ -351,12 +352,11 @@ fn serve_connection(shared: &Shared, stream: TcpStream) {
         stream,
         buf: Vec::with_capacity(1024),
         deadline: accepted + limits.socket_timeout,
+        front: shared.front.clone(),
     };
-    if !conn.wait_for_first_byte(&shared.front) {
+    if !conn.wait_for_first_byte() {
         return;
     }
-    shared.front.busy.fetch_add(1, Ordering::SeqCst);
-    let _busy = Busy(&shared.front.busy);
     match read_request(&mut conn, limits) {
         Ok(request) => forward(shared, &mut conn, request),
         Err(refusal) => {
@@ -372,7 +372,9 @@ fn serve_connection(shared: &Shared, stream: TcpStream) {
                 .into_reply(&request_id)
                 .header("X-Request-Id", request_id.clone())
                 .header("Server-Timing", format!("total;dur={}", ms(total)));
-            let _ = conn.stream.write_all(&http::encode(&reply, false));
+            let _ = conn
+                .stream
+                .write_all(&http::encode(&reply, method == "HEAD"));
             crate::server::observe_refusal(
                 &shared.app,
                 &request_id,
@@ -424,6 +426,8 @@ struct Conn {
     stream: TcpStream,
     buf: Vec<u8>,
     deadline: Instant,
+    /// To notice the listener's close: the deadline then shrinks to [`GRACE_AT_SHUTDOWN`].
+    front: Arc<Front>,
 }
 
 enum Fill {
@@ -435,6 +439,9 @@ enum Fill {
 impl Conn {
     /// Reads whatever arrives next, waiting at most until the deadline (and at most `cap`).
     fn fill(&mut self, cap: Duration) -> io::Result<Fill> {
+        if let Some(closed) = self.front.closed_at.get() {
+            self.deadline = self.deadline.min(*closed + GRACE_AT_SHUTDOWN);
+        }
         let left = self.deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Ok(Fill::TimedOut);
@@ -465,19 +472,12 @@ impl Conn {
         }
     }
 
-    /// Waits for the request's first byte. After the listener closed, a connection that has
-    /// sent nothing is waited for only briefly: it has no request in flight.
-    fn wait_for_first_byte(&mut self, front: &Front) -> bool {
+    /// Waits for the request's first byte; false if none came before the deadline. The whole
+    /// request must arrive by the same deadline, counted from the accept.
+    fn wait_for_first_byte(&mut self) -> bool {
         loop {
-            if let Some(closed) = front.closed_at.get() {
-                let grace_end = *closed + IDLE_GRACE_AT_SHUTDOWN;
-                self.deadline = self.deadline.min(grace_end.max(Instant::now()));
-            }
-            match self.fill(Duration::from_millis(100)) {
-                Ok(Fill::More) if !self.buf.is_empty() => {
-                    // The whole request has the full socket timeout from its first byte.
-                    return true;
-                }
+            match self.fill(WAKE) {
+                Ok(Fill::More) if !self.buf.is_empty() => return true,
                 Ok(Fill::More) => {}
                 Ok(Fill::Eof | Fill::TimedOut) | Err(_) => return false,
             }
@@ -517,8 +517,20 @@ fn read_request(conn: &mut Conn, limits: &Limits) -> Result<Incoming, Refusal> {
     }
     let method = parsed.method.unwrap_or("-").to_string();
     let target = parsed.path.unwrap_or("").to_string();
+    let http11 = parsed.version == Some(1);
     let path: String = http::split_target(&target).0.chars().take(200).collect();
     let mut request_id = None;
+    if !target.bytes().all(|b| (0x21..0x7f).contains(&b)) {
+        // tiny_http reads only ASCII lines; percent-encode anything else.
+        return Err(Refusal {
+            error: Box::new(ApiError::invalid(
+                "the request target must be visible ASCII (percent-encode the rest)",
+            )),
+            request_id,
+            method,
+            path,
+        });
+    }
     let mut framing = Framing::default();
     let mut forwarded = Vec::with_capacity(parsed.headers.len());
     let refuse = |error: ApiError, request_id: &Option<String>| Refusal {
@@ -557,7 +569,7 @@ fn read_request(conn: &mut Conn, limits: &Limits) -> Result<Incoming, Refusal> {
         Err(e) => return Err(refuse(e, &request_id)),
         Ok(BodyFraming::None) => Vec::new(),
         Ok(framed) => {
-            if framing.expect_continue {
+            if framing.expect_continue && http11 {
                 // The client waits for this before sending the body.
                 let _ = conn.stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
             }
@@ -609,7 +621,7 @@ fn read_head(conn: &mut Conn) -> Result<usize, Refusal> {
             }
             _ => {}
         }
-        match conn.fill(Duration::MAX) {
+        match conn.fill(WAKE) {
             Ok(Fill::More) => {}
             Ok(Fill::TimedOut) => return Err(Refusal::bare(ApiError::RequestTimeout)),
             Ok(Fill::Eof) | Err(_) => {
@@ -733,7 +745,7 @@ impl Framing {
 
 fn read_exact_body(conn: &mut Conn, n: usize) -> Result<Vec<u8>, ApiError> {
     while conn.buf.len() < n {
-        match conn.fill(Duration::MAX) {
+        match conn.fill(WAKE) {
             Ok(Fill::More) => {}
             Ok(Fill::TimedOut) => return Err(ApiError::RequestTimeout),
             Ok(Fill::Eof) | Err(_) => {
@@ -797,7 +809,7 @@ fn read_chunked_body(conn: &mut Conn, limit: u64) -> Result<Vec<u8>, ApiError> {
 }
 
 fn more(conn: &mut Conn) -> Result<(), ApiError> {
-    match conn.fill(Duration::MAX) {
+    match conn.fill(WAKE) {
         Ok(Fill::More) => Ok(()),
         Ok(Fill::TimedOut) => Err(ApiError::RequestTimeout),
         Ok(Fill::Eof) | Err(_) => Err(ApiError::invalid(
@@ -829,25 +841,76 @@ fn forward(shared: &Shared, conn: &mut Conn, request: Incoming) {
         .as_bytes(),
     );
     out.extend_from_slice(&request.body);
+    let mut sent = 0;
     let relayed = UnixStream::connect(&shared.backend).and_then(|mut backend| {
         backend.set_read_timeout(Some(shared.limits.answer_timeout))?;
         backend.set_write_timeout(Some(shared.limits.answer_timeout))?;
         backend.write_all(&out)?;
-        io::copy(&mut backend, &mut conn.stream)
+        relay(
+            &mut backend,
+            &mut conn.stream,
+            shared.limits.socket_timeout,
+            &mut sent,
+        )
     });
     match relayed {
-        Ok(_) => {
+        Ok(()) if sent > 0 => {
             // Bytes the client sent after its request are not read: the answer said close.
             let _ = conn.stream.shutdown(Shutdown::Write);
             if !conn.buf.is_empty() {
                 conn.linger();
             }
         }
-        Err(e) => log::debug!(
-            "{} {}: relaying the answer failed: {e}",
+        // Nothing reached the client: it still gets an answer.
+        Ok(()) | Err(_) if sent == 0 => {
+            let cause = relayed
+                .err()
+                .map_or_else(|| "no answer".into(), |e| e.to_string());
+            log::error!(
+                "{} {}: the server behind the front did not answer ({cause})",
+                request.method,
+                request.target
+            );
+            let request_id = crate::ids::request_id();
+            let reply = ApiError::Internal(cause)
+                .into_reply(&request_id)
+                .header("X-Request-Id", request_id);
+            let _ = conn
+                .stream
+                .write_all(&http::encode(&reply, request.method == "HEAD"));
+            let _ = conn.stream.shutdown(Shutdown::Write);
+        }
+        Ok(()) | Err(_) => log::debug!(
+            "{} {}: the client stopped reading the answer after {sent} bytes",
             request.method,
             request.target
         ),
+    }
+}
+
+/// Copies the answer to the client; writing it all may take `write_time` in total, however
+/// slowly the client reads.
+fn relay(
+    backend: &mut UnixStream,
+    client: &mut TcpStream,
+    write_time: Duration,
+    sent: &mut usize,
+) -> io::Result<()> {
+    let mut chunk = [0u8; 8192];
+    let mut write_by = None;
+    loop {
+        let n = backend.read(&mut chunk)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let by = *write_by.get_or_insert_with(|| Instant::now() + write_time);
+        let left = by.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        client.set_write_timeout(Some(left))?;
+        client.write_all(&chunk[..n])?;
+        *sent += n;
     }
 }
 

@@ -160,17 +160,34 @@ pub fn claim(
     }
 }
 
+/// What [`persist`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Persisted {
+    Recorded,
+    /// The attempt's lock went stale and another attempt (or the reconciler) took the key:
+    /// nothing was written, so a late attempt never overwrites a newer outcome.
+    LockLost,
+}
+
 /// Phase 3. Records the payment's new state; with `stored`, the key is finished and replays
 /// that response from now on; without it, the key is only unlocked and stays retryable.
-/// Touches the key only while `token` still holds its lock.
+/// Writes nothing unless `token` still holds the key's lock.
 pub fn persist(
     tx: &Transaction,
     attempt: Attempt,
     payment: &Payment,
     stored: Option<&StoredResponse>,
     now: SystemTime,
-) -> rusqlite::Result<()> {
+) -> rusqlite::Result<Persisted> {
     let Attempt { scope, key, token } = attempt;
+    let held = tx
+        .prepare_cached(
+            "SELECT 1 FROM idempotency_keys WHERE scope = ?1 AND key = ?2 AND lock_token = ?3",
+        )?
+        .exists(params![scope, key, token])?;
+    if !held {
+        return Ok(Persisted::LockLost);
+    }
     db::update_payment(tx, payment)?;
     match stored {
         Some(resp) => {
@@ -199,7 +216,7 @@ pub fn persist(
             .execute(params![scope, key, token])?;
         }
     }
-    Ok(())
+    Ok(Persisted::Recorded)
 }
 
 /// A payment whose request is gone before its outcome was known: `processing` or `pending`,
@@ -276,8 +293,7 @@ pub fn settle(
         key: &u.key,
         token,
     };
-    persist(tx, attempt, payment, stored, now)?;
-    Ok(true)
+    Ok(persist(tx, attempt, payment, stored, now)? == Persisted::Recorded)
 }
 
 /// Deletes finished keys older than `finished_before_ms`; payments are never deleted.
@@ -381,10 +397,12 @@ mod tests {
             body: b"{}".to_vec(),
         };
         let mut c = db.writer(Duration::from_secs(1)).unwrap();
-        c.transaction(Duration::from_millis(100), |tx| {
-            persist(tx, att("k", "t1"), &payment, Some(&resp), later)
-        })
-        .unwrap();
+        let late = c
+            .transaction(Duration::from_millis(100), |tx| {
+                persist(tx, att("k", "t1"), &payment, Some(&resp), later)
+            })
+            .unwrap();
+        assert_eq!(late, Persisted::LockLost);
         drop(c);
         assert_eq!(do_claim(&db, "k", 5, "t4", t0), NextAction::InUse);
         let mut c = db.writer(Duration::from_secs(1)).unwrap();

@@ -91,7 +91,7 @@ pub fn create(app: &App, ctx: &mut Ctx, request: &mut Request) -> Result<Reply, 
     if matches!(outcome, Some(ChargeOutcome::Rejected { .. })) {
         ctx.shed = Some("breaker_open");
     }
-    let (stored, result) = settle(&mut payment, outcome, &ctx.request_id);
+    let (stored, result) = settle(&mut payment, outcome, resumed, &ctx.request_id);
 
     // 3. Persist: the final status, and the response to replay when the outcome is final.
     let persisted = acquire_writer(app, ctx, Op::PersistAcquire).and_then(|mut writer| {
@@ -103,6 +103,16 @@ pub fn create(app: &App, ctx: &mut Ctx, request: &mut Request) -> Result<Reply, 
         })
         .map_err(|e| db_error(e, Step::Persist, Some(&payment), &ctx.request_id))
     });
+    if matches!(persisted, Ok(idempotency::Persisted::LockLost)) {
+        // This attempt took too long and another took the key over: what it would have
+        // written is not written, and the key's current state is the answer a retry gets.
+        log::warn!(
+            "{}: lost the lock on {} before recording it; a retry gets the recorded outcome",
+            ctx.request_id,
+            payment.id
+        );
+        return Err(ApiError::KeyInUse);
+    }
     if persisted.is_ok() {
         app.metrics
             .payments
@@ -125,6 +135,18 @@ pub fn create(app: &App, ctx: &mut Ctx, request: &mut Request) -> Result<Reply, 
                 step: Step::Acquire,
                 payment: Some(as_pending(&payment)),
             },
+            // Whatever else kept the outcome from being recorded, the answer carries the
+            // payment as `pending`: its charge may exist.
+            ApiError::Internal(cause) => {
+                log::error!(
+                    "{}: recording {} failed: {cause}",
+                    ctx.request_id,
+                    payment.id
+                );
+                ApiError::StorageUnavailable {
+                    payment: Some(as_pending(&payment)),
+                }
+            }
             other => other,
         });
     }
@@ -136,11 +158,14 @@ pub fn create(app: &App, ctx: &mut Ctx, request: &mut Request) -> Result<Reply, 
 fn settle(
     payment: &mut Payment,
     outcome: Option<ChargeOutcome>,
+    resumed: bool,
     request_id: &str,
 ) -> (Option<StoredResponse>, Result<Reply, ApiError>) {
     // A payment whose charge may already exist from an earlier attempt stays pending until the
-    // provider says otherwise: "failed" is only for a charge that was certainly never made.
-    let never_sent = if payment.status == PaymentStatus::Pending {
+    // provider says otherwise: "failed" is only for a charge that was certainly never made. A
+    // resumed payment may have been charged by an attempt that could not record it, even if
+    // its row still says `processing`.
+    let never_sent = if payment.status == PaymentStatus::Pending || resumed {
         PaymentStatus::Pending
     } else {
         PaymentStatus::Failed
@@ -641,6 +666,42 @@ xcd xcg xdr xof xpd xpf xpt xsu xua yer zar zmw zwg zwl";
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn processing() -> Payment {
+        Payment {
+            id: "pay_x".into(),
+            object: "payment",
+            status: PaymentStatus::Processing,
+            amount: 100,
+            currency: "usd".into(),
+            source: "tok_visa".into(),
+            description: None,
+            provider_charge_id: None,
+            failure_code: None,
+            created_at: String::new(),
+            updated_at: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_resumed_payment_not_sent_now_stays_pending_it_may_have_been_charged_before() {
+        for outcome in [
+            None,
+            Some(ChargeOutcome::Rejected {
+                retry_after: std::time::Duration::from_secs(1),
+            }),
+            Some(ChargeOutcome::Unreachable {
+                detail: "refused".into(),
+            }),
+        ] {
+            let mut fresh = processing();
+            let _ = settle(&mut fresh, outcome.clone(), false, "r");
+            assert_eq!(fresh.status, PaymentStatus::Failed, "{outcome:?}");
+            let mut resumed = processing();
+            let _ = settle(&mut resumed, outcome.clone(), true, "r");
+            assert_eq!(resumed.status, PaymentStatus::Pending, "{outcome:?}");
+        }
+    }
 
     fn errors_of(body: &str) -> Vec<String> {
         match parse_new_payment(body.as_bytes()) {

@@ -206,7 +206,8 @@ fn dispatch(
         if let Some(closed) = closed_at {
             // Step 3: once no accepted connection can bring another request, close the queue;
             // the workers finish what it holds, then return.
-            if tx.is_some() && liveness.front.open_connections() == 0 {
+            if tx.is_some() && !liveness.front.accepting() && liveness.front.open_connections() == 0
+            {
                 tx = None;
             }
             while workers_left > 0 && workers_done.try_recv().is_ok() {

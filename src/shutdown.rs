@@ -6,8 +6,9 @@
 //! it takes away:
 //!
 //! 1. **Readiness fails** at once (`/readyz` → 503): load balancers stop sending new work.
-//! 2. After `--shutdown-delay`, **the listener closes**: new connections are refused. Requests
-//!    still arriving on connections accepted earlier get 503 `shutting-down`.
+//! 2. After `--shutdown-delay`, **the listener closes**: new connections are refused. Every
+//!    connection accepted before is served, even if its request arrives after the close (it
+//!    has one more second to send it).
 //! 3. **The queue drains and the workers finish** their in-flight requests normally (every
 //!    response carries `Connection: close`); then they are joined. If that takes longer than
 //!    `--drain-timeout`, the unfinished requests are logged and the process exits 1 — their

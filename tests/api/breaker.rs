@@ -53,12 +53,13 @@ fn a_failing_provider_opens_the_breaker_then_trial_calls_close_it() {
             retry, 1,
             "the breaker reopens within a second (--breaker-open 1s)"
         );
-        // Answered within 20 ms of being read off the socket (the server's own clock), and
-        // well within a client's patience including connecting.
+        // No provider call: answered within 100 ms of being read off the socket (the server's
+        // own clock; two fsync'd commits on a busy machine), and well within a client's
+        // patience including connecting. A call would wait for the provider.
         let total = server_total_ms(&r);
-        assert!(total < 20.0, "short-circuited in {total} ms");
+        assert!(total < 100.0, "short-circuited in {total} ms");
         assert!(
-            r.elapsed < Duration::from_millis(100),
+            r.elapsed < Duration::from_millis(300),
             "client saw {:?}",
             r.elapsed
         );

@@ -169,3 +169,29 @@ fn oversized_request_lines_and_header_blocks_are_refused() {
     let (status, _) = raw(serve.proc.addr, big.as_bytes(), Duration::from_secs(10));
     assert_eq!(status, 431);
 }
+
+#[test]
+fn a_request_target_that_is_not_ascii_gets_a_400_not_silence() {
+    let serve = Serve::start(&[]);
+    let (status, text) = raw(
+        serve.proc.addr,
+        "GET /payments/é HTTP/1.1\r\nHost: x\r\n\r\n".as_bytes(),
+        Duration::from_secs(5),
+    );
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("visible ASCII"), "{text}");
+}
+
+#[test]
+fn a_refused_head_request_gets_headers_only() {
+    let serve = Serve::start(&[]);
+    let mut s = TcpStream::connect(serve.proc.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"HEAD /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n")
+        .unwrap();
+    let mut all = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut s, &mut all);
+    let text = String::from_utf8_lossy(&all);
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert!(text.ends_with("\r\n\r\n"), "no body after the head: {text}");
+}

@@ -36,8 +36,8 @@ const PROMPT: Duration = Duration::from_millis(1500);
 /// How long threads and fds get to come back after a case: the socket timeout, tiny_http's pool
 /// threads ending after 5 s idle, and a margin.
 const SETTLE: Duration = Duration::from_secs(10);
-/// "Back to baseline": the accept keeper and prober open short connections of their own, and
-/// tiny_http's pool keeps threads it grew for a burst while the keeper's connections keep them
+/// "Back to baseline": the liveness prober opens short connections of its own, and
+/// tiny_http's pool keeps threads it grew for a burst while the prober's connections keep them
 /// from idling 5 s. A leak is one thread and two fds per connection, and every leaking case
 /// here opens 40 connections or more, so these margins still catch it.
 const THREAD_MARGIN: usize = 16;

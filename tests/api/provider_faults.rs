@@ -44,3 +44,22 @@ fn a_provider_5xx_is_a_502_with_a_pending_payment_that_a_retry_completes() {
     assert_eq!(retry.body["id"], id.as_str());
     assert_eq!(provider_stats(&provider.url)["charges"], 1);
 }
+
+/// The simulated provider runs inside `serve` by default: a request declaring an absurd body
+/// must not take the process down with it.
+#[test]
+fn an_absurd_content_length_to_the_simulated_provider_does_not_kill_it() {
+    let provider = provider(&[]);
+    let addr: std::net::SocketAddr = provider.url.trim_start_matches("http://").parse().unwrap();
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    std::io::Write::write_all(
+        &mut s,
+        b"GET /nope HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999999\r\n\r\n",
+    )
+    .unwrap();
+    drop(s);
+    // Its stats still answer, well after the request was dropped on the client's side.
+    for _ in 0..5 {
+        assert!(provider_stats(&provider.url)["requests"].is_u64());
+    }
+}

@@ -257,3 +257,28 @@ fn payments_sent_just_before_sigterm_are_all_served_twenty_times_in_a_row() {
             .wait_for_log("drained 10 requests", Duration::from_secs(2));
     }
 }
+
+/// A client that sent one byte before the signal and nothing since holds no request the drain
+/// must wait for: it gets a second more, then 408, and the shutdown is clean.
+#[test]
+fn a_connection_stalled_mid_request_at_sigterm_gets_a_408_and_the_exit_is_clean() {
+    let mut serve = Serve::start(&[]);
+    let mut stalled = TcpStream::connect(serve.proc.addr).unwrap();
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    stalled.write_all(b"G").unwrap();
+    // The byte has been read: /healthz answering proves the front is past accepting it.
+    assert_eq!(get(&format!("{}/healthz", serve.url())).status, 200);
+    let t = Instant::now();
+    serve.proc.signal("TERM");
+    let (status, text) = read_response(&mut stalled);
+    assert_eq!(status, 408, "{text}");
+    assert_eq!(
+        serve.proc.wait_exit(Duration::from_secs(4)),
+        Some(0),
+        "{}",
+        serve.proc.log_text()
+    );
+    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
+}
