@@ -7,8 +7,8 @@
 //! ```
 //!
 //! The queue and the workers are a [`WorkerPool`] (unit 03, `workers.rs`); this file decides
-//! what a request the pool hands back is answered (503 `overloaded`), and what each worker does
-//! with one it takes ([`handle`]).
+//! how a request the pool hands back is answered (503 `overloaded`), and what each worker does
+//! with one it takes (`handle`).
 //!
 //! The front (`front.rs`) owns the client sockets and hands tiny_http complete requests over a
 //! unix socket in a private directory. If tiny_http's accept thread dies anyway — by an error
