@@ -7,7 +7,7 @@
 //! |---|---|---|
 //! | 01 | accept and parse: a total read deadline, size and framing limits, backpressure | [`front`] (`read_request`), [`server::run`], [`http::read_body`] |
 //! | 02 | middleware and dependency injection | [`middleware`], [`app::App`] |
-//! | 03 | a bounded worker pool instead of an event loop | [`server::run`] (dispatcher + `worker`) |
+//! | 03 | a bounded worker pool instead of an event loop | [`workers::WorkerPool::try_submit`], [`workers::WorkerPool::shutdown`]; fed by `server::dispatch` |
 //! | 04 | the connection pool with an acquisition timeout | [`db::Db::acquire`], [`db::Db::writer`] |
 //! | 05 | the idempotency table, and the reconciler | [`idempotency::claim`], [`idempotency::persist`], [`reconciler::reconcile`] |
 //! | 06 | the circuit breaker around the provider call | [`breaker::Breaker`], [`provider::client::ProviderClient::charge`] |
@@ -42,3 +42,4 @@ pub mod ratelimit;
 pub mod reconciler;
 pub mod server;
 pub mod shutdown;
+pub mod workers;

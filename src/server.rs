@@ -1,10 +1,14 @@
-//! The dispatcher and the bounded worker pool: the request path, top to bottom.
+//! The dispatcher: the request path, top to bottom.
 //!
 //! ```text
 //! socket → front (limits, total read deadline) → tiny_http (parse) → dispatcher
-//!            └─ refuses malformed or slow requests        ──try_send──▶ [bounded queue] ──▶ N workers
-//!                                       full: 503 overloaded at once ─┘    └─ handle(): middleware, handler
+//!            └─ refuses malformed or slow requests        ──try_submit──▶ [bounded queue] ──▶ N workers
+//!                                       full: 503 overloaded at once ─┘      └─ handle(): middleware, handler
 //! ```
+//!
+//! The queue and the workers are a [`WorkerPool`] (unit 03, `workers.rs`); this file decides
+//! how a request the pool hands back is answered (503 `overloaded`), and what each worker does
+//! with one it takes (`handle`).
 //!
 //! The front (`front.rs`) owns the client sockets and hands tiny_http complete requests over a
 //! unix socket in a private directory. If tiny_http's accept thread dies anyway — by an error
@@ -21,7 +25,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crossbeam::channel::{self, Receiver, TrySendError};
 use serde_json::json;
 use tiny_http::{Method, Request};
 
@@ -35,6 +38,7 @@ use crate::http::{self, Reply};
 use crate::middleware::{self, Ctx};
 use crate::payments;
 use crate::ratelimit::RateLimiter;
+use crate::workers::{Rejected, WorkerPool};
 
 /// A request read off the socket, waiting for a worker.
 struct Job {
@@ -119,21 +123,22 @@ pub fn run(
         front: &front,
     };
 
-    let (tx, rx) = channel::bounded::<Job>(app.config.queue as usize);
-    let (done_tx, done_rx) = channel::bounded::<()>(app.config.workers as usize);
-    for i in 0..app.config.workers {
-        let (rx, app, done) = (rx.clone(), app.clone(), done_tx.clone());
-        thread::Builder::new()
-            .name(format!("worker-{i}"))
-            .spawn(move || {
-                worker(&app, rx);
-                let _ = done.send(());
-            })
-            .map_err(|e| format!("cannot start worker {i}: {e}"))?;
-    }
-    drop((rx, done_tx));
+    let pool = {
+        let app = app.clone();
+        WorkerPool::new(
+            app.config.workers as usize,
+            app.config.queue as usize,
+            "worker-",
+            move |job: Job, waiting| {
+                app.metrics.queue_depth.set(waiting as i64);
+                app.metrics.workers_busy.inc();
+                handle(&app, job);
+                app.metrics.workers_busy.dec();
+            },
+        )?
+    };
 
-    let result = dispatch(&app, &server, tx, &done_rx, &stop, &liveness);
+    let result = dispatch(&app, &server, pool, &stop, &liveness);
     background_stop.store(true, Ordering::SeqCst);
     front.close_listener();
     let _ = accept.join();
@@ -153,25 +158,23 @@ struct Liveness<'a> {
 const PROBE_PATH: &str = "/__paytrace/accept-probe";
 const PROBE_HEADER: &str = "X-Paytrace-Probe";
 
-/// Takes requests from tiny_http and `try_send`s them to the workers, until a signal has been
-/// followed through shutdown steps 1–3 (src/shutdown.rs): readiness fails; after the delay the
-/// front stops accepting; every connection it had accepted is served (its request may arrive
-/// after the listener closed: it is in flight all the same); then the queue is closed and the
-/// workers finish.
+/// Takes requests from tiny_http and `try_submit`s them to the worker pool, until a signal has
+/// been followed through shutdown steps 1–3 (src/shutdown.rs): readiness fails; after the delay
+/// the front stops accepting; every connection it had accepted is served (its request may
+/// arrive after the listener closed: it is in flight all the same); then the pool shuts down:
+/// its queue closes, the workers finish, and they are joined by the drain deadline.
 fn dispatch(
     app: &App,
     server: &tiny_http::Server,
-    tx: channel::Sender<Job>,
-    workers_done: &Receiver<()>,
+    pool: WorkerPool<Job>,
     stop: &AtomicBool,
     liveness: &Liveness,
 ) -> Result<(), String> {
-    let mut tx = Some(tx);
+    let mut pool = Some(pool);
     // When the listener is to close (set at the signal), and when it did.
     let mut close_at: Option<Instant> = None;
     let mut closed_at: Option<Instant> = None;
     let mut finished_before = 0;
-    let mut workers_left = app.config.workers;
     loop {
         if closed_at.is_none() && liveness.accept_dead.load(Ordering::SeqCst) {
             return Err(
@@ -204,34 +207,31 @@ fn dispatch(
             );
         }
         if let Some(closed) = closed_at {
-            // Step 3: once no accepted connection can bring another request, close the queue;
-            // the workers finish what it holds, then return.
-            if tx.is_some() && !liveness.front.accepting() && liveness.front.open_connections() == 0
+            // Step 3: once no accepted connection can bring another request, the pool shuts
+            // down: its queue closes, the workers finish what it holds and are joined.
+            if !liveness.front.accepting()
+                && liveness.front.open_connections() == 0
+                && let Some(pool) = pool.take()
             {
-                tx = None;
-            }
-            while workers_left > 0 && workers_done.try_recv().is_ok() {
-                workers_left -= 1;
-            }
-            if workers_left == 0 {
-                log::info!(
-                    "drained {} requests in {} ms; workers joined",
-                    app.inflight.finished() - finished_before,
-                    closed.elapsed().as_millis()
+                let report = pool.shutdown(closed + app.config.drain_timeout());
+                if report.still_running == 0 {
+                    log::info!(
+                        "drained {} requests in {} ms; {} workers joined",
+                        app.inflight.finished() - finished_before,
+                        closed.elapsed().as_millis(),
+                        report.joined
+                    );
+                    return Ok(());
+                }
+                log::error!(
+                    "drain: {} workers joined, {} still running at the deadline",
+                    report.joined,
+                    report.still_running
                 );
-                return Ok(());
+                return Err(drain_overran(app, liveness));
             }
             if closed.elapsed() > app.config.drain_timeout() {
-                let unfinished = app.inflight.describe();
-                for line in &unfinished {
-                    log::error!("drain: unfinished: {line}");
-                }
-                return Err(format!(
-                    "the drain took longer than --drain-timeout {} ms; {} requests unfinished, {} connections open",
-                    app.config.drain_timeout().as_millis(),
-                    unfinished.len(),
-                    liveness.front.open_connections()
-                ));
+                return Err(drain_overran(app, liveness));
             }
         }
         match server.recv_timeout(POLL) {
@@ -246,26 +246,30 @@ fn dispatch(
                     .and_then(front::received_at)
                     .map_or_else(|| app.clock.now(), |t| t.min(app.clock.now()));
                 let job = Job { request, received };
-                let Some(queue) = &tx else {
+                let Some(pool) = &pool else {
                     refuse(app, job, ApiError::ShuttingDown, "shutting_down");
                     continue;
                 };
-                match queue.try_send(job) {
+                match pool.try_submit(job) {
                     Ok(()) => {}
-                    Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => refuse(
+                    Err(Rejected::Full(job)) => refuse(
                         app,
                         job,
                         ApiError::Overloaded {
                             detail: format!(
                                 "all {} workers are busy and the queue of {} is full; retry shortly",
-                                app.config.workers, app.config.queue
+                                pool.size(),
+                                pool.capacity()
                             ),
                             retry_after_s: 1,
                         },
                         "queue_full",
                     ),
+                    Err(Rejected::Closed(job)) => {
+                        refuse(app, job, ApiError::ShuttingDown, "shutting_down");
+                    }
                 }
-                app.metrics.queue_depth.set(queue.len() as i64);
+                app.metrics.queue_depth.set(pool.queue_len() as i64);
             }
             Ok(None) => {}
             Err(e) => {
@@ -275,6 +279,21 @@ fn dispatch(
             }
         }
     }
+}
+
+/// Logs each request still running when the drain deadline passed, and says so in the error
+/// the process exits with.
+fn drain_overran(app: &App, liveness: &Liveness) -> String {
+    let unfinished = app.inflight.describe();
+    for line in &unfinished {
+        log::error!("drain: unfinished: {line}");
+    }
+    format!(
+        "the drain took longer than --drain-timeout {} ms; {} requests unfinished, {} connections open",
+        app.config.drain_timeout().as_millis(),
+        unfinished.len(),
+        liveness.front.open_connections()
+    )
 }
 
 /// Sends a request through tiny_http's unix socket every second; the dispatcher answers it at
@@ -329,21 +348,12 @@ fn probe(socket: &Path, token: &str, wait: Duration) -> bool {
 }
 
 /// Answers from the dispatcher, without touching a worker: 503 `overloaded` when the queue is
-/// full, 503 `shutting-down` after the listener closed.
+/// full, 503 `shutting-down` once the pool takes no more work.
 fn refuse(app: &App, job: Job, error: ApiError, reason: &'static str) {
     let mut ctx = Ctx::new(&job.request, job.received, app.config.request_timeout);
     ctx.shed = Some(reason);
     let reply = error.into_reply(&ctx.request_id);
     finish_and_send(app, &ctx, job.request, reply);
-}
-
-fn worker(app: &App, rx: Receiver<Job>) {
-    for job in rx.iter() {
-        app.metrics.queue_depth.set(rx.len() as i64);
-        app.metrics.workers_busy.inc();
-        handle(app, job);
-        app.metrics.workers_busy.dec();
-    }
 }
 
 /// One request on a worker: the panic boundary around the middleware chain and the handler.
