@@ -354,7 +354,7 @@ pub fn unix_ms(at: SystemTime) -> i64 {
         .unwrap_or(0)
 }
 
-/// Where a payment stands (SPEC §3).
+/// Where a payment stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PaymentStatus {
@@ -390,7 +390,7 @@ impl PaymentStatus {
     }
 }
 
-/// The payment object of SPEC §3, as stored and as sent.
+/// The payment object, as stored and as sent.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Payment {
     pub id: String,

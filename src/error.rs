@@ -28,7 +28,7 @@ impl FieldError {
     }
 }
 
-/// Everything a request can fail with. Each variant is one row of SPEC §3's outcome table.
+/// Everything a request can fail with: each variant is one documented answer (a status and its code).
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("{detail}")]

@@ -3,7 +3,7 @@
 //! them as plain data.
 //!
 //! Each phase is its own short `BEGIN IMMEDIATE` transaction and no connection is held while the
-//! provider is called (SPEC §3):
+//! provider is called:
 //! 1. [`claim`]: insert the key (locked, with its fingerprint) and a `processing` payment — or
 //!    find the key and decide: replay, in use, reused, or resume;
 //! 2. the provider call, with the payment id as the provider's own idempotency key;
