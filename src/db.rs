@@ -520,6 +520,27 @@ pub fn list_payments(
 }
 
 #[cfg(test)]
+impl Payment {
+    /// A `processing` payment of 100 usd, for unit tests here and in the flow.
+    pub fn sample(id: &str) -> Payment {
+        let now = timestamp(SystemTime::now());
+        Payment {
+            id: id.into(),
+            object: "payment",
+            status: PaymentStatus::Processing,
+            amount: 100,
+            currency: "usd".into(),
+            source: "tok_visa".into(),
+            description: None,
+            provider_charge_id: None,
+            failure_code: None,
+            created_at: now.clone(),
+            updated_at: now,
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -536,20 +557,7 @@ mod tests {
     }
 
     fn payment(id: &str) -> Payment {
-        let now = timestamp(SystemTime::now());
-        Payment {
-            id: id.into(),
-            object: "payment",
-            status: PaymentStatus::Processing,
-            amount: 100,
-            currency: "usd".into(),
-            source: "tok_visa".into(),
-            description: None,
-            provider_charge_id: None,
-            failure_code: None,
-            created_at: now.clone(),
-            updated_at: now,
-        }
+        Payment::sample(id)
     }
 
     #[test]

@@ -668,19 +668,7 @@ mod tests {
     use super::*;
 
     fn processing() -> Payment {
-        Payment {
-            id: "pay_x".into(),
-            object: "payment",
-            status: PaymentStatus::Processing,
-            amount: 100,
-            currency: "usd".into(),
-            source: "tok_visa".into(),
-            description: None,
-            provider_charge_id: None,
-            failure_code: None,
-            created_at: String::new(),
-            updated_at: String::new(),
-        }
+        Payment::sample("pay_x")
     }
 
     #[test]
