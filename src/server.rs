@@ -87,24 +87,23 @@ pub fn run(
         .map_err(|e| format!("cannot bind {}: {e}", socket.display()))?;
     let server = tiny_http::Server::from_listener(inner, None).map_err(|e| e.to_string())?;
     let max_connections = app.config.max_connections as usize;
-    if let Ok(addr) = listener.local_addr()
-        && !addr.ip().is_loopback()
-    {
-        log::warn!(
-            "listening on {addr}, beyond this machine: each client may hold one of {max_connections} \
-             connections for up to --socket-timeout {} ms and {} KiB of memory; there is no per-client \
-             connection limit or TLS here — put nginx in front (data/nginx/paytrace.conf)",
-            app.config.socket_timeout.as_millis(),
-            (front::MAX_REQUEST_LINE as u64 + front::MAX_HEADER_BYTES as u64 + app.config.max_body)
-                / 1024
-        );
-    }
     let limits = Limits {
         socket_timeout: app.config.socket_timeout,
         max_body: app.config.max_body,
         max_connections,
         answer_timeout: app.config.drain_timeout() + app.config.request_timeout,
     };
+    if let Ok(addr) = listener.local_addr()
+        && !addr.ip().is_loopback()
+    {
+        log::warn!(
+            "listening on {addr}, beyond this machine: each client may hold one of {max_connections} \
+             connections for up to --socket-timeout {} ms and about 2 × {} KiB of memory; there is no per-client \
+             connection limit or TLS here — put nginx in front (data/nginx/paytrace.conf)",
+            app.config.socket_timeout.as_millis(),
+            limits.max_request_bytes() / 1024
+        );
+    }
     let (front, accept) = front::start(app.clone(), listener, socket.clone(), limits)
         .map_err(|e| format!("cannot start the accept loop: {e}"))?;
 

@@ -237,20 +237,17 @@ fn check(expect: &[Expect], output: &str) -> Result<(), String> {
 
 /// `127.0.0.1:PORT` occurrences of a text, in order.
 fn ports(text: &str) -> Vec<u16> {
-    text.match_indices("127.0.0.1:")
-        .filter_map(|(i, m)| {
-            let digits: String = text[i + m.len()..]
-                .chars()
-                .take_while(char::is_ascii_digit)
-                .collect();
-            digits.parse().ok()
-        })
-        .collect()
+    ports_after(text, "127.0.0.1:")
 }
 
 /// Ports a block starts a server on (`--addr 127.0.0.1:PORT`).
 fn started_ports(text: &str) -> Vec<u16> {
-    text.match_indices("--addr 127.0.0.1:")
+    ports_after(text, "--addr 127.0.0.1:")
+}
+
+/// The port numbers that follow each occurrence of `prefix`.
+fn ports_after(text: &str, prefix: &str) -> Vec<u16> {
+    text.match_indices(prefix)
         .filter_map(|(i, m)| {
             let digits: String = text[i + m.len()..]
                 .chars()
