@@ -1,21 +1,22 @@
-//! Dependency injection: the long-lived collaborators are built here once, at start-up, and
-//! handed to every handler as one [`App`]. Then [`run_serve`] binds and runs until stopped.
+//! Dependency injection: the long-lived collaborators, built once at start-up (by
+//! `startup.rs`) and handed to every handler as one [`App`]. No globals: a test or another
+//! server composes its own.
+//!
+//! Everything below the start-up code may import `App`; `App` imports only the parts it holds.
 
-use std::net::TcpListener;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use crate::clock::{Clock, SystemClock};
-use crate::config::{ProviderConfig, ServeConfig};
-use crate::db::Db;
-use crate::deadline::{Exhausted, Op, Timeouts};
+use crate::clock::Clock;
+use crate::config::ServeConfig;
+use crate::deadline::Timeouts;
+use crate::edge::auth::ApiKeys;
+use crate::edge::ratelimit::RateLimiter;
+use crate::lifecycle::inflight::InFlight;
 use crate::metrics::Metrics;
-use crate::middleware::{ApiKeys, Ctx};
 use crate::provider::client::ProviderClient;
-use crate::provider::sim;
-use crate::ratelimit::RateLimiter;
-use crate::server;
+use crate::store::db::Db;
 
 /// Everything a handler may use, built once.
 pub struct App {
@@ -36,121 +37,13 @@ pub struct App {
     /// Set when shutdown begins: readiness fails from then on.
     pub draining: AtomicBool,
     /// What the workers are doing, for the drain's report.
-    pub inflight: crate::shutdown::InFlight,
+    pub inflight: InFlight,
     /// The Prometheus registry.
     pub metrics: Arc<Metrics>,
 }
 
 impl App {
-    /// The slice of `ctx`'s deadline that `op` may take, starting now.
-    pub fn timeouts_slice(&self, ctx: &Ctx, op: Op) -> Result<Duration, Exhausted> {
-        ctx.deadline.slice(self.clock.now(), &self.timeouts, op)
-    }
-
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
     }
-}
-
-/// Why `serve` stopped with an error: configuration (exit 2) or at run time (exit 1).
-#[derive(Debug)]
-pub enum ServeError {
-    Config(String),
-    Runtime(String),
-}
-
-/// Builds the dependencies, binds, logs `listening on http://ADDR`, and serves until SIGTERM or
-/// SIGINT.
-pub fn run_serve(mut config: ServeConfig) -> Result<(), ServeError> {
-    config.validate().map_err(ServeError::Config)?;
-    // Descriptors besides the connections': SQLite keeps three per pooled connection (database,
-    // WAL, shared memory); each worker's provider connection costs one here and, with the
-    // simulated provider in-process, up to three on its side; a margin for the rest.
-    let reserved = 64 + 3 * u64::from(config.pool_size) + 4 * u64::from(config.workers);
-    let fit = crate::front::fit_connections(config.max_connections as usize, reserved)
-        .map_err(ServeError::Runtime)?;
-    config.max_connections = u32::try_from(fit).unwrap_or(u32::MAX);
-    let (keys, dev) = config.api_keys();
-    if dev {
-        log::warn!(
-            "no --api-key configured: accepting only the development key `{}`",
-            crate::config::DEV_API_KEY
-        );
-    }
-    let db = Db::open(
-        &config.db,
-        config.pool_size,
-        config.sync,
-        config.write_timeout,
-    )
-    .map_err(ServeError::Runtime)?;
-    let provider_url = match &config.provider_url {
-        Some(url) => url.clone(),
-        None => {
-            let sim = sim::start(&ProviderConfig {
-                addr: "127.0.0.1:0".parse().expect("a literal address"),
-                latency: Duration::ZERO,
-                jitter: Duration::ZERO,
-                fail_rate: 0.0,
-                hang_rate: 0.0,
-                ambiguous_rate: 0.0,
-                seed: None,
-            })
-            .map_err(ServeError::Runtime)?;
-            log::info!("no --provider-url: started the simulated provider in-process");
-            sim.url()
-        }
-    };
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let metrics = Arc::new(
-        Metrics::new()
-            .map_err(|e| ServeError::Runtime(format!("cannot build the metrics registry: {e}")))?,
-    );
-    let provider = ProviderClient::new(
-        &provider_url,
-        config.workers as usize,
-        (config.provider_timeout / 2).max(Duration::from_millis(1)),
-        config.breaker(),
-        clock.clone(),
-        metrics.clone(),
-    );
-    let listener = TcpListener::bind(config.addr)
-        .map_err(|e| ServeError::Runtime(format!("cannot bind {}: {e}", config.addr)))?;
-    let addr = listener
-        .local_addr()
-        .map_err(|e| ServeError::Runtime(e.to_string()))?;
-    let app = Arc::new(App {
-        timeouts: Timeouts {
-            acquire: config.acquire_timeout,
-            write: config.write_timeout,
-            provider: config.provider_timeout,
-        },
-        lock_ttl: config.request_timeout + Duration::from_secs(1),
-        keys: ApiKeys::new(&keys),
-        limiter: RateLimiter::new(config.rate_limit),
-        clock,
-        db,
-        provider,
-        draining: AtomicBool::new(false),
-        inflight: Default::default(),
-        metrics,
-        config,
-    });
-    let stop = crate::shutdown::install_signal_handlers().map_err(ServeError::Runtime)?;
-    let background_stop = Arc::new(AtomicBool::new(false));
-    let housekeeping = crate::reconciler::spawn(app.clone(), background_stop.clone())
-        .map_err(ServeError::Runtime)?;
-    log::info!(
-        "listening on http://{addr} (workers {}, queue {}, pool {}, connections {}, db {}); provider {}",
-        app.config.workers,
-        app.config.queue,
-        app.config.pool_size,
-        app.config.max_connections,
-        app.config.db.display(),
-        provider_url
-    );
-    // Runs until a signal, then performs steps 1–3 of the shutdown (src/shutdown.rs).
-    server::run(app.clone(), listener, stop).map_err(ServeError::Runtime)?;
-    crate::shutdown::teardown(&app, &background_stop, housekeeping);
-    Ok(())
 }

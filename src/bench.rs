@@ -102,7 +102,7 @@ fn spawn(args: &[String]) -> Result<Proc, String> {
         .args(args)
         .env(
             "RUST_LOG",
-            "warn,paytrace::app=info,paytrace::provider=info",
+            "warn,paytrace::startup=info,paytrace::provider=info",
         )
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -193,8 +193,8 @@ pub const DEV_API_KEY: &str = "sk_test_paytrace";
 
 impl ServeConfig {
     /// The breaker's thresholds from the `--breaker-*` flags.
-    pub fn breaker(&self) -> crate::breaker::BreakerConfig {
-        crate::breaker::BreakerConfig {
+    pub fn breaker(&self) -> crate::provider::breaker::BreakerConfig {
+        crate::provider::breaker::BreakerConfig {
             window: self.breaker_window as usize,
             min_calls: self.breaker_min_calls as usize,
             failure_rate: self.breaker_failure_rate,
@@ -363,7 +363,10 @@ mod tests {
         assert_eq!(c.max_body, 16 * 1024);
         assert_eq!(c.drain_timeout(), Duration::from_secs(5));
         assert!(c.validate().is_ok());
-        assert_eq!(c.breaker(), crate::breaker::BreakerConfig::default());
+        assert_eq!(
+            c.breaker(),
+            crate::provider::breaker::BreakerConfig::default()
+        );
         assert_eq!(parse_percent("50"), Ok(0.5));
         assert!(parse_percent("150%").is_err());
         assert_eq!(c.api_keys(), (vec![DEV_API_KEY.to_string()], true));

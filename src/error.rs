@@ -6,7 +6,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::deadline::Step;
-use crate::http::Reply;
+use crate::reply::Reply;
 
 /// `Retry-After` of a 503 `storage-unavailable`: a full disk or a read-only file needs a person,
 /// so clients should not retry at once.

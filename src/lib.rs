@@ -5,41 +5,52 @@
 //!
 //! | unit | mechanism | where |
 //! |---|---|---|
-//! | 01 | accept and parse: a total read deadline, size and framing limits, backpressure | [`front`] (`read_request`), [`server::run`], [`http::read_body`] |
-//! | 02 | middleware and dependency injection | [`middleware`], [`app::App`] |
-//! | 03 | a bounded worker pool instead of an event loop | [`workers::WorkerPool::try_submit`], [`workers::WorkerPool::shutdown`]; fed by `server::dispatch` |
-//! | 04 | the connection pool with an acquisition timeout | [`db::Db::acquire`], [`db::Db::writer`] |
-//! | 05 | the idempotency table, and the reconciler | [`idempotency::claim`], [`idempotency::persist`], [`reconciler::reconcile`] |
-//! | 06 | the circuit breaker around the provider call | [`breaker::Breaker`], [`provider::client::ProviderClient::charge`] |
-//! | 07 | graceful shutdown in reverse dependency order | [`shutdown`] (the order and why), [`shutdown::teardown`] |
+//! | 01 | accept and parse: a total read deadline, size and framing limits, backpressure | [`edge::front`] (`read_request`), [`edge::http::read_body`] |
+//! | 02 | middleware and dependency injection | [`edge::middleware::protect`], [`app::App`] (built by [`startup`]) |
+//! | 03 | a bounded worker pool instead of an event loop | [`workers::WorkerPool::try_submit`], [`workers::WorkerPool::shutdown`]; fed by [`edge::dispatch`] |
+//! | 04 | the connection pool with an acquisition timeout | [`store::db::Db::acquire`], [`store::db::Db::writer`] |
+//! | 05 | the idempotency table, and the reconciler | [`store::idempotency::claim`], [`store::idempotency::persist`], [`flow::reconciler::reconcile`] |
+//! | 06 | the circuit breaker around the provider call | [`provider::breaker::Breaker`], [`provider::client::ProviderClient::charge`] |
+//! | 07 | graceful shutdown in reverse dependency order | [`lifecycle::shutdown`] (the order and why), [`lifecycle::shutdown::teardown`] |
 //!
-//! The budget itself is [`deadline::Deadline::slice`]; the handler that walks the steps in
-//! order is [`payments::create`]. Around them: [`metrics`] (`GET /metrics`), [`provider::sim`]
-//! (`paytrace provider`), [`load`] (`paytrace load`) and [`bench`](mod@bench) (`paytrace bench`).
+//! The budget itself is [`deadline::Deadline::slice`]; the steps of one payment, in order, are
+//! [`flow::payment::create`], and [`flow::outcome::settle`] is the one mapping from a provider
+//! outcome to a status and an answer. Around them: [`trace`] (one log line per hop),
+//! [`metrics`] (`GET /metrics`), [`provider::sim`] (`paytrace provider`), [`load`]
+//! (`paytrace load`) and [`bench`](mod@bench) (`paytrace bench`).
 //!
-//! Suggested reading order for one request: [`front`] → [`server::run`] → [`middleware::protect`] →
-//! [`payments::create`] → [`db::Db::writer`] → [`idempotency::claim`] →
-//! [`provider::client::ProviderClient::charge`] → [`idempotency::persist`] → [`shutdown`].
+//! The folders:
+//!
+//! | folder | what it holds | knows about |
+//! |---|---|---|
+//! | `edge/` | sockets, tiny_http, routes, middleware, observation | HTTP |
+//! | `flow/` | the payment's steps, the outcome mapping, the reconciler | plain values; no HTTP server |
+//! | `store/` | the SQLite pool and schema, the idempotency table | SQLite; no HTTP |
+//! | `provider/` | the breaker, the client, the simulated provider | the provider's wire format |
+//! | `lifecycle/` | what is in flight, graceful shutdown | every unit, read in reverse |
+//!
+//! Suggested reading order for one request: [`edge::front`] → [`edge::dispatch`] →
+//! [`workers`] → [`edge::routes`] → [`edge::middleware::protect`] → [`flow::payment::create`] →
+//! [`store::db::Db::writer`] → [`store::idempotency::claim`] →
+//! [`provider::client::ProviderClient::charge`] → [`store::idempotency::persist`] →
+//! [`edge::observe`] → [`lifecycle::shutdown`].
 
 pub mod app;
 pub mod bench;
-pub mod breaker;
 pub mod clock;
 pub mod config;
-pub mod db;
 pub mod deadline;
+pub mod edge;
 pub mod error;
-pub mod front;
-pub mod http;
-pub mod idempotency;
+pub mod flow;
 pub mod ids;
+pub mod lifecycle;
 pub mod load;
 pub mod metrics;
-pub mod middleware;
-pub mod payments;
 pub mod provider;
-pub mod ratelimit;
-pub mod reconciler;
-pub mod server;
-pub mod shutdown;
+pub mod reply;
+pub mod server_timing;
+pub mod startup;
+pub mod store;
+pub mod trace;
 pub mod workers;

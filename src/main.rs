@@ -34,13 +34,13 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve(config) => {
             init_logging(config.log_format);
-            match paytrace::app::run_serve(*config) {
+            match paytrace::startup::run_serve(*config) {
                 Ok(()) => ExitCode::SUCCESS,
-                Err(paytrace::app::ServeError::Config(reason)) => {
+                Err(paytrace::startup::ServeError::Config(reason)) => {
                     eprintln!("paytrace: invalid configuration: {reason}");
                     ExitCode::from(2)
                 }
-                Err(paytrace::app::ServeError::Runtime(reason)) => {
+                Err(paytrace::startup::ServeError::Runtime(reason)) => {
                     log::error!("{reason}");
                     ExitCode::from(1)
                 }
@@ -79,11 +79,15 @@ fn main() -> ExitCode {
     }
 }
 
-/// Logs to stderr, level from `RUST_LOG` (default info), as text or one JSON object a line.
+/// Logs to stderr, as text or one JSON object a line. Level info; `RUST_LOG` adds to that
+/// (`RUST_LOG=paytrace::trace=debug` turns on the per-hop trace and keeps the rest at info;
+/// `RUST_LOG=warn` lowers everything).
 fn init_logging(format: LogFormat) {
-    let mut builder = env_logger::Builder::from_env(
-        env_logger::Env::default().default_filter_or("info,tiny_http=off"),
-    );
+    let mut builder = env_logger::Builder::new();
+    builder.parse_filters("info,tiny_http=off");
+    if let Ok(filters) = std::env::var("RUST_LOG") {
+        builder.parse_filters(&filters);
+    }
     if format == LogFormat::Json {
         builder.format(|buf, record| {
             let mut line = serde_json::json!({

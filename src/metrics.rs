@@ -173,9 +173,9 @@ impl Metrics {
 
     /// Creates every series whose label values are known, at 0.
     fn expose_known_series(&self) {
-        use crate::breaker::State;
-        use crate::db::PaymentStatus;
         use crate::deadline::Step;
+        use crate::provider::breaker::State;
+        use crate::store::db::PaymentStatus;
         for (route, statuses) in ROUTE_STATUSES {
             for status in statuses.iter().chain(COMMON_STATUSES) {
                 self.http_requests

@@ -17,9 +17,9 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::breaker::{Breaker, BreakerConfig, Outcome, State, Transition};
 use crate::clock::Clock;
 use crate::metrics::Metrics;
+use crate::provider::breaker::{Breaker, BreakerConfig, Outcome, State, Transition};
 
 /// One charge to ask for. `idempotency_key` is the payment id: the provider makes at most one
 /// charge per key, which is what makes every retry and resume safe.
@@ -50,6 +50,20 @@ pub enum ChargeOutcome {
     Unreachable { detail: String },
     /// Nothing was sent: the breaker is open (or its half-open trials are taken).
     Rejected { retry_after: Duration },
+}
+
+impl ChargeOutcome {
+    /// The `provider_calls_total{outcome}` label.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ChargeOutcome::Charged { .. } => "charged",
+            ChargeOutcome::Declined { .. } => "declined",
+            ChargeOutcome::Ambiguous { .. } => "ambiguous",
+            ChargeOutcome::Timeout => "timeout",
+            ChargeOutcome::Unreachable { .. } => "unreachable",
+            ChargeOutcome::Rejected { .. } => "rejected",
+        }
+    }
 }
 
 /// A charge as the provider writes it (`POST /v1/charges` answers and lookups). Every field is
@@ -161,17 +175,9 @@ impl ProviderClient {
     }
 
     fn count(&self, outcome: &ChargeOutcome) {
-        let label = match outcome {
-            ChargeOutcome::Charged { .. } => "charged",
-            ChargeOutcome::Declined { .. } => "declined",
-            ChargeOutcome::Ambiguous { .. } => "ambiguous",
-            ChargeOutcome::Timeout => "timeout",
-            ChargeOutcome::Unreachable { .. } => "unreachable",
-            ChargeOutcome::Rejected { .. } => "rejected",
-        };
         self.metrics
             .provider_calls
-            .with_label_values(&[label])
+            .with_label_values(&[outcome.name()])
             .inc();
     }
 

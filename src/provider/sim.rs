@@ -25,7 +25,8 @@ use serde_json::json;
 use tiny_http::{Method, Request};
 
 use crate::config::ProviderConfig;
-use crate::http::{self, Reply};
+use crate::edge::http;
+use crate::reply::Reply;
 
 /// How long a hung request is held before it is dropped: longer than any sane client waits.
 pub const HANG_FOR: Duration = Duration::from_secs(30);

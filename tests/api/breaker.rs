@@ -6,10 +6,7 @@ use crate::helpers::*;
 
 fn server_total_ms(r: &Resp) -> f64 {
     let timing = r.header("Server-Timing").unwrap();
-    timing
-        .split(", ")
-        .find_map(|e| e.strip_prefix("total;dur="))
-        .and_then(|v| v.parse().ok())
+    paytrace::server_timing::dur_of(timing, "total")
         .unwrap_or_else(|| panic!("no total in {timing}"))
 }
 

@@ -8,20 +8,11 @@ use crate::helpers::*;
 /// The `dur` of one `Server-Timing` entry, and its slice when it has one.
 fn timing(r: &Resp, name: &str) -> (f64, Option<f64>) {
     let header = r.header("Server-Timing").unwrap();
-    let entry = header
-        .split(", ")
-        .find(|e| e.starts_with(&format!("{name};")))
+    let entry = paytrace::server_timing::parse(header)
+        .into_iter()
+        .find(|e| e.name == name)
         .unwrap_or_else(|| panic!("no {name} in {header}"));
-    let dur = entry
-        .split(';')
-        .find_map(|p| p.strip_prefix("dur="))
-        .and_then(|v| v.parse().ok())
-        .unwrap();
-    let slice = entry
-        .split("desc=\"slice ")
-        .nth(1)
-        .and_then(|v| v.trim_end_matches("ms\"").parse().ok());
-    (dur, slice)
+    (entry.dur_ms, entry.slice_ms().map(|ms| ms as f64))
 }
 
 #[test]

@@ -37,9 +37,11 @@ impl Proc {
     }
 
     pub fn start_with(mut cmd: Command, args: &[&str]) -> Proc {
+        if !cmd.get_envs().any(|(k, _)| k == "RUST_LOG") {
+            cmd.env("RUST_LOG", "info");
+        }
         let mut child = cmd
             .args(args)
-            .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -112,6 +114,11 @@ impl Proc {
         self.child.id()
     }
 
+    /// Every line logged so far.
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
     pub fn log_text(&self) -> String {
         self.log.lock().unwrap().join("\n")
     }
@@ -151,6 +158,11 @@ impl Serve {
 
     /// Starts on the database in `dir` (to restart after a crash).
     pub fn start_in(dir: tempfile::TempDir, args: &[&str]) -> Serve {
+        Serve::start_cmd(Command::new(env!("CARGO_BIN_EXE_paytrace")), dir, args)
+    }
+
+    /// Starts `cmd` (with its environment, e.g. `RUST_LOG`) as `serve` on a fresh database.
+    pub fn start_cmd(cmd: Command, dir: tempfile::TempDir, args: &[&str]) -> Serve {
         let db = dir.path().join("paytrace.db");
         let mut all = vec![
             "serve",
@@ -160,7 +172,7 @@ impl Serve {
             db.to_str().unwrap(),
         ];
         all.extend_from_slice(args);
-        let proc = Proc::start(&all);
+        let proc = Proc::start_with(cmd, &all);
         let line = proc
             .log
             .lock()

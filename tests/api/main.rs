@@ -19,3 +19,4 @@ mod readme;
 mod shutdown;
 mod slow_clients;
 mod storage;
+mod trace;

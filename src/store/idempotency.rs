@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 use rusqlite::{OptionalExtension, Transaction, params};
 use sha2::{Digest, Sha256};
 
-use crate::db::{self, Payment, PaymentStatus};
+use super::db::{self, Payment, PaymentStatus};
 
 /// What a client asked to pay, validated and normalized.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -306,7 +306,7 @@ pub fn sweep(tx: &Transaction, finished_before_ms: i64) -> rusqlite::Result<usiz
 mod tests {
     use super::*;
     use crate::config::SyncMode;
-    use crate::db::Db;
+    use crate::store::db::Db;
 
     fn input(amount: i64) -> NewPayment {
         NewPayment {

@@ -35,9 +35,14 @@ use std::time::{Duration, Instant};
 use crossbeam::channel::{Receiver, RecvTimeoutError, Sender};
 use socket2::SockRef;
 
+use super::http;
+use super::observe;
 use crate::app::App;
+use crate::deadline::Deadline;
 use crate::error::ApiError;
-use crate::http;
+use crate::flow::validate::is_visible_ascii;
+use crate::server_timing::{self, Entry};
+use crate::trace::{self, Unit};
 
 /// Longest request line accepted (414 above it).
 pub const MAX_REQUEST_LINE: usize = 8 * 1024;
@@ -328,11 +333,14 @@ fn refuse_connection(shared: &Shared, stream: TcpStream) {
     }
     .into_reply(&request_id)
     .header("X-Request-Id", request_id.clone())
-    .header("Server-Timing", "total;dur=0");
+    .header(
+        "Server-Timing",
+        server_timing::format(&[Entry::new("total", Duration::ZERO)]),
+    );
     let _ = stream.set_nonblocking(true);
     let _ = (&stream).write_all(&http::encode(&reply, false));
     let _ = stream.shutdown(Shutdown::Write);
-    crate::server::observe_refusal(
+    observe::refusal(
         &shared.app,
         &request_id,
         "-",
@@ -357,7 +365,7 @@ fn serve_connection(shared: &Shared, stream: TcpStream) {
     if !conn.wait_for_first_byte() {
         return;
     }
-    match read_request(&mut conn, limits) {
+    match read_request(&mut conn, limits, accepted) {
         Ok(request) => forward(shared, &mut conn, request),
         Err(refusal) => {
             let Refusal {
@@ -371,11 +379,14 @@ fn serve_connection(shared: &Shared, stream: TcpStream) {
             let reply = (*error)
                 .into_reply(&request_id)
                 .header("X-Request-Id", request_id.clone())
-                .header("Server-Timing", format!("total;dur={}", ms(total)));
+                .header(
+                    "Server-Timing",
+                    server_timing::format(&[Entry::new("total", total)]),
+                );
             let _ = conn
                 .stream
                 .write_all(&http::encode(&reply, method == "HEAD"));
-            crate::server::observe_refusal(
+            observe::refusal(
                 &shared.app,
                 &request_id,
                 &method,
@@ -397,7 +408,10 @@ struct Incoming {
     /// End-to-end headers as received (hop-by-hop ones and framing removed).
     headers: Vec<(String, String)>,
     body: Vec<u8>,
-    /// When the last byte of it was read.
+    /// The client's `X-Request-Id` when it is sane, else a fresh one: tiny_http gets this one.
+    request_id: String,
+    /// When the first byte of it arrived, and when the last.
+    accepted: Instant,
     read_at: Instant,
 }
 
@@ -500,12 +514,8 @@ impl Conn {
     }
 }
 
-fn ms(d: Duration) -> f64 {
-    (d.as_secs_f64() * 10_000.0).round() / 10.0
-}
-
 /// Reads the head, checks it, then reads the body; any violation is a [`Refusal`].
-fn read_request(conn: &mut Conn, limits: &Limits) -> Result<Incoming, Refusal> {
+fn read_request(conn: &mut Conn, limits: &Limits, accepted: Instant) -> Result<Incoming, Refusal> {
     let head_len = read_head(conn)?;
     let head = conn.buf[..head_len].to_vec();
     conn.buf.drain(..head_len);
@@ -552,7 +562,7 @@ fn read_request(conn: &mut Conn, limits: &Limits) -> Result<Incoming, Refusal> {
             ));
         };
         let name = h.name;
-        if name.eq_ignore_ascii_case("X-Request-Id") && http::is_visible_ascii(value, 128) {
+        if name.eq_ignore_ascii_case("X-Request-Id") && is_visible_ascii(value, 128) {
             request_id.get_or_insert_with(|| value.to_string());
         }
         match framing.observe(name, value) {
@@ -560,7 +570,10 @@ fn read_request(conn: &mut Conn, limits: &Limits) -> Result<Incoming, Refusal> {
             Ok(false) => {}
             Err(error) => return Err(refuse(error, &request_id)),
         }
-        if is_hop_by_hop(name) || name.eq_ignore_ascii_case(RECEIVED_HEADER) {
+        if is_hop_by_hop(name)
+            || name.eq_ignore_ascii_case(RECEIVED_HEADER)
+            || name.eq_ignore_ascii_case("X-Request-Id")
+        {
             continue;
         }
         forwarded.push((name.to_string(), value.to_string()));
@@ -585,6 +598,8 @@ fn read_request(conn: &mut Conn, limits: &Limits) -> Result<Incoming, Refusal> {
         target,
         headers: forwarded,
         body,
+        request_id: request_id.unwrap_or_else(crate::ids::request_id),
+        accepted,
         read_at: Instant::now(),
     })
 }
@@ -835,10 +850,29 @@ fn forward(shared: &Shared, conn: &mut Conn, request: Incoming) {
     }
     out.extend_from_slice(
         format!(
-            "{RECEIVED_HEADER}: {stamp}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            "X-Request-Id: {}\r\n{RECEIVED_HEADER}: {stamp}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            request.request_id,
             request.body.len()
         )
         .as_bytes(),
+    );
+    trace::hop(
+        &request.request_id,
+        &Deadline::new(request.read_at, shared.app.config.request_timeout),
+        Unit::Accept,
+        "read",
+        Some(shared.limits.socket_timeout),
+        format_args!(
+            "{} {}: {} body bytes in {:.1} ms",
+            request.method,
+            request.target.chars().take(200).collect::<String>(),
+            request.body.len(),
+            request
+                .read_at
+                .duration_since(request.accepted)
+                .as_secs_f64()
+                * 1000.0
+        ),
     );
     out.extend_from_slice(&request.body);
     let mut sent = 0;
@@ -871,10 +905,9 @@ fn forward(shared: &Shared, conn: &mut Conn, request: Incoming) {
                 request.method,
                 request.target
             );
-            let request_id = crate::ids::request_id();
             let reply = ApiError::Internal(cause)
-                .into_reply(&request_id)
-                .header("X-Request-Id", request_id);
+                .into_reply(&request.request_id)
+                .header("X-Request-Id", request.request_id.clone());
             let _ = conn
                 .stream
                 .write_all(&http::encode(&reply, request.method == "HEAD"));

@@ -11,53 +11,11 @@
 
 use std::io::{self, Read, Write};
 
-use serde::Serialize;
 use tiny_http::Request;
 
 use crate::error::ApiError;
-
-/// A response before it is written: status, headers and a complete body.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Reply {
-    pub status: u16,
-    pub content_type: String,
-    pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
-}
-
-impl Reply {
-    pub fn json(status: u16, value: &impl Serialize) -> Reply {
-        Reply::with_type(status, "application/json", value)
-    }
-
-    pub fn problem(status: u16, value: &impl Serialize) -> Reply {
-        Reply::with_type(status, "application/problem+json", value)
-    }
-
-    fn with_type(status: u16, content_type: &str, value: &impl Serialize) -> Reply {
-        Reply {
-            status,
-            content_type: content_type.to_string(),
-            headers: Vec::new(),
-            // Serializing our own plain data types cannot fail; an empty body is the fallback.
-            body: serde_json::to_vec(value).unwrap_or_default(),
-        }
-    }
-
-    pub fn text(status: u16, content_type: &str, body: impl Into<Vec<u8>>) -> Reply {
-        Reply {
-            status,
-            content_type: content_type.to_string(),
-            headers: Vec::new(),
-            body: body.into(),
-        }
-    }
-
-    pub fn header(mut self, name: &str, value: impl Into<String>) -> Reply {
-        self.headers.push((name.to_string(), value.into()));
-        self
-    }
-}
+use crate::flow::validate::is_visible_ascii;
+use crate::reply::Reply;
 
 /// The bytes of `reply` on the wire, always with `Connection: close` (see the module docs).
 pub fn encode(reply: &Reply, head_only: bool) -> Vec<u8> {
@@ -215,11 +173,6 @@ pub fn request_id(request: &Request) -> String {
     }
 }
 
-/// 1..=max characters, each visible ASCII (0x21..=0x7E).
-pub fn is_visible_ascii(s: &str, max: usize) -> bool {
-    !s.is_empty() && s.len() <= max && s.bytes().all(|b| (0x21..=0x7e).contains(&b))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -236,13 +189,5 @@ mod tests {
         );
         assert_eq!(query_pairs("a=%zz%"), vec![("a".into(), "%zz%".into())]);
         assert_eq!(split_target("/payments?limit=1"), ("/payments", "limit=1"));
-    }
-
-    #[test]
-    fn request_ids_must_be_visible_ascii() {
-        assert!(is_visible_ascii("abc-123", 128));
-        assert!(!is_visible_ascii("", 128));
-        assert!(!is_visible_ascii("has space", 128));
-        assert!(!is_visible_ascii(&"a".repeat(129), 128));
     }
 }

@@ -17,12 +17,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime};
 
+use super::outcome;
 use crate::app::App;
-use crate::breaker::State;
-use crate::db::{self, DbError, PaymentStatus};
-use crate::idempotency::{self, Unsettled};
-use crate::payments;
+use crate::provider::breaker::State;
 use crate::provider::client::{ChargeOutcome, LookupAnswer};
+use crate::store::db::{self, DbError, PaymentStatus};
+use crate::store::idempotency::{self, Unsettled};
 
 /// How often unsettled payments are looked for.
 const RECONCILE_EVERY: Duration = Duration::from_secs(1);
@@ -105,16 +105,13 @@ fn settle_one(app: &App, u: &Unsettled, stale: i64) -> bool {
         .lookup(&u.payment.id, app.config.provider_timeout);
     let now = SystemTime::now();
     let mut payment = u.payment.clone();
-    match answer {
-        LookupAnswer::Final(ChargeOutcome::Charged { charge_id }) => {
-            payment.status = PaymentStatus::Succeeded;
-            payment.provider_charge_id = Some(charge_id);
-            payment.failure_code = None;
-        }
-        LookupAnswer::Final(ChargeOutcome::Declined { charge_id, code }) => {
-            payment.status = PaymentStatus::Declined;
-            payment.provider_charge_id = charge_id;
-            payment.failure_code = Some(code);
+    let stored = match answer {
+        LookupAnswer::Final(
+            charged @ (ChargeOutcome::Charged { .. } | ChargeOutcome::Declined { .. }),
+        ) => {
+            // The same mapping the handler uses: the stored answer a retry replays is the one
+            // the request would have got.
+            outcome::settle(&mut payment, Some(charged), true, "reconciler").stored
         }
         LookupAnswer::Final(other) => {
             log::warn!(
@@ -135,10 +132,10 @@ fn settle_one(app: &App, u: &Unsettled, stale: i64) -> bool {
             }
             payment.status = PaymentStatus::Failed;
             payment.failure_code = Some("provider_no_charge".into());
+            payment.updated_at = db::timestamp(now);
+            None
         }
-    }
-    payment.updated_at = db::timestamp(now);
-    let stored = payments::final_reply(&payment, "reconciler").map(|r| payments::to_stored(&r));
+    };
     let written = app.db.writer(Duration::from_secs(1)).and_then(|mut w| {
         w.transaction(app.config.write_timeout, |tx| {
             idempotency::settle(tx, u, &payment, stored.as_ref(), stale, now)

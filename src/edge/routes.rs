@@ -1,0 +1,277 @@
+//! The routes, in one table read top to bottom, and the adapters between tiny_http and the
+//! payment flow: each reads what its handler needs from the request (headers, body, query),
+//! calls the flow's plain functions, and returns what happened ([`Handled`]).
+//!
+//! | method | path | behind the chain | handler |
+//! |---|---|---|---|
+//! | GET, HEAD | `/healthz` | no | liveness: 200 while the process runs |
+//! | GET, HEAD | `/readyz` | no | readiness: 503 while draining or storage fails |
+//! | GET, HEAD | `/metrics` | no | Prometheus text |
+//! | POST | `/payments` | yes | [`crate::flow::payment::create`] |
+//! | GET, HEAD | `/payments` | yes | [`crate::flow::read::list`] |
+//! | GET, HEAD | `/payments/{id}` | yes | [`crate::flow::read::get`] |
+
+use serde_json::json;
+use tiny_http::{Method, Request};
+
+use super::http;
+use super::middleware::{self, RequestInfo};
+use super::ratelimit::Decision;
+use crate::app::App;
+use crate::error::ApiError;
+use crate::flow::{self, Call, Handled, Report, validate};
+use crate::reply::Reply;
+
+/// Which methods a route answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Methods {
+    /// GET, and HEAD (the same answer without its body).
+    Read,
+    Post,
+}
+
+impl Methods {
+    fn accepts(self, method: &Method) -> bool {
+        match self {
+            Methods::Read => matches!(method, Method::Get | Method::Head),
+            Methods::Post => matches!(method, Method::Post),
+        }
+    }
+}
+
+/// What answers a route.
+#[derive(Clone, Copy)]
+enum Handler {
+    /// Answered at once, without the middleware chain.
+    Open(fn(&App) -> Reply),
+    /// Behind the chain (auth → rate limit → deadline); the last argument is the `{id}` of the
+    /// path, empty when the template has none.
+    Protected(fn(&App, &Call, &mut Request, &str) -> Handled),
+}
+
+pub struct Route {
+    pub methods: Methods,
+    /// The path; `{id}` stands for one non-empty segment.
+    pub template: &'static str,
+    /// The `route` label of the request metrics.
+    pub label: &'static str,
+    handler: Handler,
+}
+
+pub const ROUTES: &[Route] = &[
+    Route {
+        methods: Methods::Read,
+        template: "/healthz",
+        label: "GET /healthz",
+        handler: Handler::Open(healthz),
+    },
+    Route {
+        methods: Methods::Read,
+        template: "/readyz",
+        label: "GET /readyz",
+        handler: Handler::Open(readyz),
+    },
+    Route {
+        methods: Methods::Read,
+        template: "/metrics",
+        label: "GET /metrics",
+        handler: Handler::Open(metrics),
+    },
+    Route {
+        methods: Methods::Post,
+        template: "/payments",
+        label: "POST /payments",
+        handler: Handler::Protected(create_payment),
+    },
+    Route {
+        methods: Methods::Read,
+        template: "/payments",
+        label: "GET /payments",
+        handler: Handler::Protected(list_payments),
+    },
+    Route {
+        methods: Methods::Read,
+        template: "/payments/{id}",
+        label: "GET /payments/{id}",
+        handler: Handler::Protected(get_payment),
+    },
+];
+
+/// The label of requests that match no route.
+pub const OTHER: &str = "other";
+
+impl Route {
+    /// The `{id}` segment (or `""`) when `path` fits the template.
+    fn matches<'p>(&self, path: &'p str) -> Option<&'p str> {
+        match self.template.strip_suffix("{id}") {
+            Some(prefix) => path
+                .strip_prefix(prefix)
+                .filter(|id| !id.is_empty() && !id.contains('/')),
+            None => (path == self.template).then_some(""),
+        }
+    }
+}
+
+/// The route label for metrics: the matching route's, or [`OTHER`].
+pub fn label_for(method: &str, path: &str) -> &'static str {
+    let Ok(method) = method.parse::<Method>() else {
+        return OTHER;
+    };
+    ROUTES
+        .iter()
+        .find(|r| r.methods.accepts(&method) && r.matches(path).is_some())
+        .map_or(OTHER, |r| r.label)
+}
+
+/// A handler's answer, and the rate limiter's decision when the chain ran.
+pub struct Routed {
+    pub handled: Handled,
+    pub rate: Option<Decision>,
+}
+
+impl Routed {
+    fn error(e: ApiError, rate: Option<Decision>) -> Routed {
+        Routed {
+            handled: Handled {
+                answer: Err(e),
+                report: Report::default(),
+            },
+            rate,
+        }
+    }
+}
+
+/// Finds the route, runs the chain in front of a protected one, and calls its handler. A path
+/// no route knows is 404; a known path with another method is 405 with `Allow`.
+pub fn route(app: &App, info: &RequestInfo, request: &mut Request) -> Routed {
+    let path = http::split_target(request.url()).0.to_string();
+    let method = request.method().clone();
+    let mut read_allowed = false;
+    let mut post_allowed = false;
+    for r in ROUTES {
+        let Some(id) = r.matches(&path) else {
+            continue;
+        };
+        if !r.methods.accepts(&method) {
+            read_allowed |= r.methods == Methods::Read;
+            post_allowed |= r.methods == Methods::Post;
+            continue;
+        }
+        return match r.handler {
+            Handler::Open(handler) => Routed {
+                handled: Handled {
+                    answer: Ok(handler(app)),
+                    report: Report::default(),
+                },
+                rate: None,
+            },
+            Handler::Protected(handler) => {
+                let verdict = middleware::protect(app, info, request);
+                match verdict.admitted {
+                    Ok(admitted) => {
+                        let call = Call {
+                            request_id: &info.request_id,
+                            scope: &admitted.principal.scope,
+                            deadline: admitted.deadline,
+                        };
+                        let id = id.to_string();
+                        Routed {
+                            handled: handler(app, &call, request, &id),
+                            rate: verdict.rate,
+                        }
+                    }
+                    Err(e) => Routed::error(e, verdict.rate),
+                }
+            }
+        };
+    }
+    let allow = match (read_allowed, post_allowed) {
+        (false, false) => return Routed::error(ApiError::NotFound, None),
+        (true, false) => "GET, HEAD",
+        (false, true) => "POST",
+        (true, true) => "GET, POST",
+    };
+    Routed::error(ApiError::MethodNotAllowed { allow }, None)
+}
+
+/// Reads the key, the media type and the body, in that order, then runs the flow.
+fn create_payment(app: &App, call: &Call, request: &mut Request, _: &str) -> Handled {
+    let read =
+        validate::idempotency_key(http::header(request, "Idempotency-Key")).and_then(|key| {
+            http::require_json(request)?;
+            Ok((key, http::read_body(request, app.config.max_body)?))
+        });
+    match read {
+        Ok((key, body)) => flow::payment::create(app, call, &key, &body),
+        Err(e) => Handled {
+            answer: Err(e),
+            report: Report::default(),
+        },
+    }
+}
+
+fn list_payments(app: &App, call: &Call, request: &mut Request, _: &str) -> Handled {
+    let query = http::query_pairs(http::split_target(request.url()).1);
+    flow::read::list(app, call, &query)
+}
+
+fn get_payment(app: &App, call: &Call, _: &mut Request, id: &str) -> Handled {
+    flow::read::get(app, call, id)
+}
+
+fn healthz(_: &App) -> Reply {
+    Reply::json(200, &json!({"status": "ok"}))
+}
+
+fn readyz(app: &App) -> Reply {
+    if app.is_draining() {
+        Reply::json(503, &json!({"status": "draining"}))
+    } else if !app.db.storage_healthy() {
+        Reply::json(503, &json!({"status": "storage unavailable"}))
+    } else if !app.db.ping(app.config.acquire_timeout) {
+        Reply::json(503, &json!({"status": "database unavailable"}))
+    } else {
+        Reply::json(200, &json!({"status": "ready"}))
+    }
+}
+
+/// `GET /metrics`: the gauges that mirror state are read now, then everything is rendered.
+fn metrics(app: &App) -> Reply {
+    let m = &app.metrics;
+    let (open, idle) = app.db.state();
+    m.pool_connections
+        .with_label_values(&["idle"])
+        .set(i64::from(idle));
+    m.pool_connections
+        .with_label_values(&["in_use"])
+        .set(i64::from(open.saturating_sub(idle)));
+    m.breaker_state
+        .set(i64::from(app.provider.breaker_state().as_number()));
+    m.draining.set(i64::from(app.is_draining()));
+    Reply::text(200, "text/plain; version=0.0.4; charset=utf-8", m.render())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_match_exact_paths_and_one_id_segment() {
+        let by_id = &ROUTES[5];
+        assert_eq!(by_id.matches("/payments/pay_1"), Some("pay_1"));
+        assert_eq!(by_id.matches("/payments/"), None);
+        assert_eq!(by_id.matches("/payments/a/b"), None);
+        assert_eq!(ROUTES[3].matches("/payments"), Some(""));
+        assert_eq!(ROUTES[3].matches("/payments/x"), None);
+    }
+
+    #[test]
+    fn labels_come_from_the_table() {
+        assert_eq!(label_for("POST", "/payments"), "POST /payments");
+        assert_eq!(label_for("HEAD", "/payments"), "GET /payments");
+        assert_eq!(label_for("GET", "/payments/pay_1"), "GET /payments/{id}");
+        assert_eq!(label_for("DELETE", "/payments"), OTHER);
+        assert_eq!(label_for("GET", "/nope"), OTHER);
+        assert_eq!(label_for("-", ""), OTHER);
+    }
+}

@@ -1,0 +1,167 @@
+//! The payment flow, without an HTTP server: plain functions over plain inputs (the parsed
+//! payment, the caller's scope, the key, the deadline) returning plain results. The tiny_http
+//! adapter (`edge::routes`) reads a request and calls them; another server could call the same
+//! steps.
+//!
+//! - [`validate`]: the body and the key, checked before anything is borrowed.
+//! - [`payment::create`]: claim → charge → settle → persist → answer, each step with its slice.
+//! - [`outcome::settle`]: the one mapping from a provider outcome to a status and an answer.
+//! - [`read`]: `GET /payments/{id}` and `GET /payments`.
+//! - [`reconciler`]: settles, later, what a request could not.
+
+pub mod outcome;
+pub mod payment;
+pub mod read;
+pub mod reconciler;
+pub mod validate;
+
+use std::time::{Duration, Instant};
+
+use crate::app::App;
+use crate::deadline::{Deadline, Exhausted, Op, Step};
+use crate::error::ApiError;
+use crate::reply::Reply;
+use crate::store::db::{Db, DbError, Payment};
+use crate::trace::{self, Unit};
+
+/// Who is asking, and by when: what every step is handed.
+#[derive(Clone, Copy, Debug)]
+pub struct Call<'a> {
+    /// For logs and problem bodies.
+    pub request_id: &'a str,
+    /// The caller's scope (from its API key): payments and keys belong to it.
+    pub scope: &'a str,
+    pub deadline: Deadline,
+}
+
+/// How long each step took; the two acquisitions of a payment add up under `acquire`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Timings([Duration; 5]);
+
+impl Timings {
+    pub fn add(&mut self, step: Step, d: Duration) {
+        self.0[step as usize] += d;
+    }
+
+    pub fn get(&self, step: Step) -> Duration {
+        self.0[step as usize]
+    }
+}
+
+/// What a handler reports besides its answer, for the observation layer to log and count.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    pub timings: Timings,
+    /// The timeout the provider call was given (its slice of the budget), if it was made.
+    pub provider_slice: Option<Duration>,
+    /// What the idempotency table decided.
+    pub idempotency: Option<&'static str>,
+    /// Why the request was refused to protect the server, if it was (`requests_shed_total`).
+    pub shed: Option<&'static str>,
+}
+
+/// A handler's answer and its report.
+#[derive(Debug)]
+pub struct Handled {
+    pub answer: Result<Reply, ApiError>,
+    pub report: Report,
+}
+
+/// The slice of `call`'s deadline that `op` may take, starting now; a step that cannot get a
+/// useful one does not start (and the trace says where the request stopped).
+fn slice(app: &App, call: &Call, op: Op) -> Result<Duration, ApiError> {
+    call.deadline
+        .slice(app.clock.now(), &app.timeouts, op)
+        .map_err(|Exhausted { step }| {
+            let unit = match op {
+                Op::ClaimAcquire | Op::PersistAcquire => Unit::Pool,
+                Op::ClaimWrite | Op::PersistWrite => Unit::Idempotency,
+                Op::ProviderCall => Unit::Breaker,
+            };
+            trace::hop(
+                call.request_id,
+                &call.deadline,
+                unit,
+                step.name(),
+                None,
+                format_args!("not started: the budget left no useful slice (504)"),
+            );
+            ApiError::DeadlineExceeded {
+                step,
+                payment: None,
+            }
+        })
+}
+
+/// Borrows from the pool (unit 04) within the slice `op` may take: a connection to read with
+/// (`Db::acquire`), or the write token and a connection (`Db::writer`). A timeout is 503
+/// `overloaded`: nothing was done, the client may retry.
+fn borrow<T>(
+    app: &App,
+    call: &Call,
+    op: Op,
+    report: &mut Report,
+    take: impl FnOnce(&Db, Duration) -> Result<T, DbError>,
+) -> Result<T, ApiError> {
+    let timeout = slice(app, call, op)?;
+    let t = Instant::now();
+    let taken = take(&app.db, timeout);
+    report.timings.add(Step::Acquire, t.elapsed());
+    trace::hop(
+        call.request_id,
+        &call.deadline,
+        Unit::Pool,
+        "acquire",
+        Some(timeout),
+        format_args!(
+            "{} in {:.1} ms",
+            if taken.is_ok() {
+                "borrowed"
+            } else {
+                "timed out"
+            },
+            t.elapsed().as_secs_f64() * 1000.0
+        ),
+    );
+    taken.map_err(|e| match e {
+        DbError::AcquireTimeout => {
+            app.metrics.acquire_timeouts.inc();
+            report.shed = Some("pool_timeout");
+            ApiError::Overloaded {
+                detail: format!(
+                    "the database did not become available within {} ms (pool size {}); retry shortly",
+                    timeout.as_millis(),
+                    app.config.pool_size
+                ),
+                retry_after_s: 1,
+            }
+        }
+        other => ApiError::Internal(other.to_string()),
+    })
+}
+
+/// A failed write as the client sees it; a storage incident's cause is logged here, once per
+/// incident, with the request id of the write that found it.
+fn db_error(e: DbError, step: Step, payment: Option<&Payment>, request_id: &str) -> ApiError {
+    match e {
+        DbError::Busy => ApiError::DeadlineExceeded {
+            step,
+            payment: payment.map(outcome::as_pending),
+        },
+        DbError::Unavailable {
+            cause,
+            new_incident,
+        } => {
+            if new_incident {
+                log::error!(
+                    "{request_id}: storage unavailable at step {}: {cause}; payments answer 503 and readiness fails until a write succeeds",
+                    step.name()
+                );
+            }
+            ApiError::StorageUnavailable {
+                payment: payment.map(outcome::as_pending),
+            }
+        }
+        other => ApiError::Internal(other.to_string()),
+    }
+}

@@ -1,0 +1,229 @@
+//! `POST /payments`, top to bottom: validate, claim (pool + idempotency), charge (breaker +
+//! budget), settle, persist, answer. Each step takes its slice of the deadline, counts its time
+//! in the report, and logs its hop to the trace.
+
+use std::time::{Instant, SystemTime};
+
+use super::{Call, Handled, Report, borrow, db_error, outcome, slice, validate};
+use crate::app::App;
+use crate::deadline::{Op, Step};
+use crate::error::ApiError;
+use crate::provider::client::{ChargeOutcome, ChargeRequest};
+use crate::reply::Reply;
+use crate::store::db::Payment;
+use crate::store::idempotency::{self, Attempt, NewPayment, NextAction, Persisted, StoredResponse};
+use crate::trace::{self, Unit};
+
+/// Creates the payment `body` describes, once per `key`, for `call`'s scope.
+pub fn create(app: &App, call: &Call, key: &str, body: &[u8]) -> Handled {
+    let mut report = Report::default();
+    let answer = steps(app, call, key, body, &mut report);
+    Handled { answer, report }
+}
+
+fn steps(
+    app: &App,
+    call: &Call,
+    key: &str,
+    body: &[u8],
+    report: &mut Report,
+) -> Result<Reply, ApiError> {
+    let input = validate::parse_new_payment(body)?;
+    // The lock is this attempt's own: a client's X-Request-Id may repeat, and a lock token
+    // shared by two attempts would let one finish (or release) the other's key.
+    let token = idempotency::new_lock_token();
+    let attempt = Attempt {
+        scope: call.scope,
+        key,
+        token: &token,
+    };
+
+    // 1. Claim: borrow a connection, decide in one short transaction, give it back.
+    let (mut payment, resumed) = match claim(app, call, attempt, &input, report)? {
+        NextAction::Replay(stored) => return Ok(outcome::replay(stored)),
+        NextAction::InUse => return Err(ApiError::KeyInUse),
+        NextAction::Reused => return Err(ApiError::KeyReused),
+        NextAction::Charge { payment, resumed } => (payment, resumed),
+    };
+
+    // 2. Charge: no connection is held; the payment id is the provider's idempotency key.
+    let charged = charge(app, call, &payment, report);
+    if matches!(charged, Some(ChargeOutcome::Rejected { .. })) {
+        report.shed = Some("breaker_open");
+    }
+
+    // 3. Settle: what the provider's answer means for the payment and for the client.
+    let settled = outcome::settle(&mut payment, charged, resumed, call.request_id);
+
+    // 4. Persist: the final status, and the answer to replay when the outcome is final.
+    persist(
+        app,
+        call,
+        attempt,
+        &payment,
+        settled.stored.as_ref(),
+        report,
+    )?;
+
+    // 5. Answer.
+    settled.answer
+}
+
+/// Step 1: takes the write token and a connection, and lets the idempotency table decide.
+fn claim(
+    app: &App,
+    call: &Call,
+    attempt: Attempt,
+    input: &NewPayment,
+    report: &mut Report,
+) -> Result<NextAction, ApiError> {
+    let mut writer = borrow(app, call, Op::ClaimAcquire, report, |db, t| db.writer(t))?;
+    let busy = slice(app, call, Op::ClaimWrite)?;
+    let fingerprint = idempotency::fingerprint("POST", "/payments", input);
+    let t = Instant::now();
+    let decided = writer.transaction(busy, |tx| {
+        idempotency::claim(
+            tx,
+            attempt,
+            &fingerprint,
+            input,
+            SystemTime::now(),
+            app.lock_ttl,
+        )
+    });
+    report.timings.add(Step::Claim, t.elapsed());
+    let action = decided.map_err(|e| db_error(e, Step::Claim, None, call.request_id))?;
+    let decision = match &action {
+        NextAction::Replay(_) => "replayed",
+        NextAction::InUse => "in-use",
+        NextAction::Reused => "reused",
+        NextAction::Charge { resumed: true, .. } => "resumed",
+        NextAction::Charge { .. } => "new",
+    };
+    report.idempotency = Some(decision);
+    trace::hop(
+        call.request_id,
+        &call.deadline,
+        Unit::Idempotency,
+        "claim",
+        Some(busy),
+        format_args!("key {decision}"),
+    );
+    Ok(action)
+}
+
+/// Step 2: the provider call behind the breaker, within its slice; `None` when the budget left
+/// no useful slice, so nothing was sent.
+fn charge(app: &App, call: &Call, payment: &Payment, report: &mut Report) -> Option<ChargeOutcome> {
+    let timeout = slice(app, call, Op::ProviderCall).ok()?;
+    report.provider_slice = Some(timeout);
+    let t = Instant::now();
+    let charged = app.provider.charge(
+        &ChargeRequest {
+            idempotency_key: &payment.id,
+            amount: payment.amount,
+            currency: &payment.currency,
+            source: &payment.source,
+        },
+        timeout,
+    );
+    report.timings.add(Step::Provider, t.elapsed());
+    trace::hop(
+        call.request_id,
+        &call.deadline,
+        Unit::Breaker,
+        "call",
+        Some(timeout),
+        format_args!(
+            "{} (breaker {})",
+            charged.name(),
+            app.provider.breaker_state().name()
+        ),
+    );
+    Some(charged)
+}
+
+/// Step 4: records the outcome while this attempt still holds its key's lock. Persist's slices
+/// have a floor no earlier overrun can take (see `deadline.rs`): the charge may have been sent.
+fn persist(
+    app: &App,
+    call: &Call,
+    attempt: Attempt,
+    payment: &Payment,
+    stored: Option<&StoredResponse>,
+    report: &mut Report,
+) -> Result<(), ApiError> {
+    let persisted = borrow(app, call, Op::PersistAcquire, report, |db, t| db.writer(t)).and_then(
+        |mut writer| {
+            let busy = slice(app, call, Op::PersistWrite)?;
+            let t = Instant::now();
+            let written = writer.transaction(busy, |tx| {
+                idempotency::persist(tx, attempt, payment, stored, SystemTime::now())
+            });
+            report.timings.add(Step::Persist, t.elapsed());
+            trace::hop(
+                call.request_id,
+                &call.deadline,
+                Unit::Idempotency,
+                "persist",
+                Some(busy),
+                format_args!(
+                    "{} {}",
+                    payment.status.as_str(),
+                    match &written {
+                        Ok(Persisted::Recorded) => "recorded",
+                        Ok(Persisted::LockLost) => "not recorded: the lock was lost",
+                        Err(_) => "not recorded: the write failed",
+                    }
+                ),
+            );
+            written.map_err(|e| db_error(e, Step::Persist, Some(payment), call.request_id))
+        },
+    );
+    match persisted {
+        Ok(Persisted::Recorded) => {
+            app.metrics
+                .payments
+                .with_label_values(&[payment.status.as_str()])
+                .inc();
+            Ok(())
+        }
+        Ok(Persisted::LockLost) => {
+            // This attempt took too long and another took the key over: what it would have
+            // written is not written, and the key's current state is the answer a retry gets.
+            log::warn!(
+                "{}: lost the lock on {} before recording it; a retry gets the recorded outcome",
+                call.request_id,
+                payment.id
+            );
+            Err(ApiError::KeyInUse)
+        }
+        // The outcome could not be recorded: the key stays locked until its lock goes stale,
+        // and a retry then resumes the same payment (the provider deduplicates the charge).
+        Err(e) => Err(unrecorded(e, payment, call.request_id)),
+    }
+}
+
+/// The answer when the outcome could not be recorded: it always carries the payment as
+/// `pending`, since its charge may exist. A storage incident is logged once, by `db_error`.
+fn unrecorded(e: ApiError, payment: &Payment, request_id: &str) -> ApiError {
+    if !matches!(e, ApiError::StorageUnavailable { .. }) {
+        log::warn!(
+            "{request_id}: could not persist {} ({e}); a retry will resume it",
+            payment.id
+        );
+    }
+    match e {
+        ApiError::Overloaded { .. } => ApiError::DeadlineExceeded {
+            step: Step::Acquire,
+            payment: Some(outcome::as_pending(payment)),
+        },
+        ApiError::Internal(cause) => {
+            log::error!("{request_id}: recording {} failed: {cause}", payment.id);
+            ApiError::StorageUnavailable {
+                payment: Some(outcome::as_pending(payment)),
+            }
+        }
+        other => other,
+    }
+}
