@@ -9,6 +9,7 @@ mod cli;
 mod guards;
 mod hostile;
 mod idempotency;
+mod layout;
 mod middleware;
 mod nginx;
 mod observability;
