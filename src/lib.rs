@@ -5,7 +5,7 @@
 //!
 //! | unit | mechanism | where |
 //! |---|---|---|
-//! | 01 | accept and parse: a total read deadline, size and framing limits, backpressure | [`edge::front`] (`read_request`), [`edge::http::read_body`] |
+//! | 01 | accept and parse: a total read deadline, size and framing limits, backpressure | [`edge::front`], [`edge::front::request`] (`read_request`), [`edge::http::read_body`] |
 //! | 02 | middleware and dependency injection | [`edge::middleware::protect`], [`app::App`] (built by [`startup`]) |
 //! | 03 | a bounded worker pool instead of an event loop | [`workers::WorkerPool::try_submit`], [`workers::WorkerPool::shutdown`]; fed by [`edge::dispatch`] |
 //! | 04 | the connection pool with an acquisition timeout | [`store::db::Db::acquire`], [`store::db::Db::writer`] |
