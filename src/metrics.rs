@@ -8,7 +8,7 @@
 //! still appears on its first use.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
 
@@ -71,7 +71,16 @@ pub struct Metrics {
     pub idempotency: IntCounterVec,
     pub payments: IntCounterVec,
     pub draining: IntGauge,
+    /// Writes per transaction of the single writer.
+    pub db_batch_size: Histogram,
+    /// From `BEGIN` to the end of `COMMIT` of each batch.
+    pub db_commit_seconds: Histogram,
+    /// Writes waiting for the writer.
+    pub db_writer_queue: IntGauge,
 }
+
+/// `db_batch_size` buckets: writes per transaction.
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
 
 fn opts(name: &str, help: &str) -> Opts {
     Opts::new(name, help).namespace("paytrace")
@@ -115,7 +124,30 @@ impl Metrics {
             "Times the write token or a pooled connection was not had within the acquire slice.",
         ))?;
         registry.register(Box::new(acquire_timeouts.clone()))?;
+        let plain_histogram = |name: &str,
+                               help: &str,
+                               buckets: &[f64]|
+         -> Result<Histogram, prometheus::Error> {
+            let h = Histogram::with_opts(
+                HistogramOpts::new(name, help)
+                    .namespace("paytrace")
+                    .buckets(buckets.to_vec()),
+            )?;
+            registry.register(Box::new(h.clone()))?;
+            Ok(h)
+        };
         let metrics = Metrics {
+            db_batch_size: plain_histogram(
+                "db_batch_size",
+                "Writes committed together in one transaction by the single writer.",
+                BATCH_BUCKETS,
+            )?,
+            db_commit_seconds: plain_histogram(
+                "db_commit_seconds",
+                "Time of one writer transaction, BEGIN to the end of COMMIT (fsync included).",
+                BUCKETS,
+            )?,
+            db_writer_queue: gauge("db_writer_queue", "Writes waiting for the single writer.")?,
             http_requests: counter_vec(
                 "http_requests_total",
                 "Requests answered, by route and status.",

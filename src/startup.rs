@@ -19,6 +19,7 @@ use crate::metrics::Metrics;
 use crate::provider::client::ProviderClient;
 use crate::provider::sim;
 use crate::store::db::Db;
+use crate::store::writer::{BatchObserver, BatchReport};
 
 /// Why `serve` stopped with an error: configuration (exit 2) or at run time (exit 1).
 #[derive(Debug)]
@@ -45,13 +46,27 @@ pub fn run_serve(mut config: ServeConfig) -> Result<(), ServeError> {
             crate::config::DEV_API_KEY
         );
     }
+    let metrics = Arc::new(
+        Metrics::new()
+            .map_err(|e| ServeError::Runtime(format!("cannot build the metrics registry: {e}")))?,
+    );
+    let observer: BatchObserver = {
+        let metrics = metrics.clone();
+        Arc::new(move |batch: BatchReport| {
+            metrics.db_batch_size.observe(batch.size as f64);
+            metrics.db_commit_seconds.observe(batch.commit.as_secs_f64());
+            metrics.db_writer_queue.set(batch.queued as i64);
+        })
+    };
     let db = Db::open(
         &config.db,
         config.pool_size,
         config.sync,
         config.write_timeout,
+        observer,
     )
     .map_err(ServeError::Runtime)?;
+
     let provider_url = match &config.provider_url {
         Some(url) => url.clone(),
         None => {
@@ -70,10 +85,6 @@ pub fn run_serve(mut config: ServeConfig) -> Result<(), ServeError> {
         }
     };
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let metrics = Arc::new(
-        Metrics::new()
-            .map_err(|e| ServeError::Runtime(format!("cannot build the metrics registry: {e}")))?,
-    );
     let provider = ProviderClient::new(
         &provider_url,
         config.workers as usize,

@@ -21,7 +21,9 @@ use crate::app::App;
 use crate::deadline::{Deadline, Exhausted, Op, Step};
 use crate::error::ApiError;
 use crate::reply::Reply;
-use crate::store::db::{Db, DbError, Payment};
+use rusqlite::Transaction;
+
+use crate::store::db::{Conn, DbError, Payment};
 use crate::trace::{self, Unit};
 
 /// Who is asking, and by when: what every step is handed.
@@ -93,19 +95,12 @@ fn slice(app: &App, call: &Call, op: Op) -> Result<Duration, ApiError> {
         })
 }
 
-/// Borrows from the pool (unit 04) within the slice `op` may take: a connection to read with
-/// (`Db::acquire`), or the write token and a connection (`Db::writer`). A timeout is 503
-/// `overloaded`: nothing was done, the client may retry.
-fn borrow<T>(
-    app: &App,
-    call: &Call,
-    op: Op,
-    report: &mut Report,
-    take: impl FnOnce(&Db, Duration) -> Result<T, DbError>,
-) -> Result<T, ApiError> {
+/// Borrows a connection to read with from the pool (unit 04) within the slice `op` may take. A
+/// timeout is 503 `overloaded`: nothing was done, the client may retry.
+fn borrow(app: &App, call: &Call, op: Op, report: &mut Report) -> Result<Conn, ApiError> {
     let timeout = slice(app, call, op)?;
     let t = Instant::now();
-    let taken = take(&app.db, timeout);
+    let taken = app.db.acquire(timeout);
     report.timings.add(Step::Acquire, t.elapsed());
     trace::hop(
         call.request_id,
@@ -115,29 +110,68 @@ fn borrow<T>(
         Some(timeout),
         format_args!(
             "{} in {:.1} ms",
-            if taken.is_ok() {
-                "borrowed"
-            } else {
-                "timed out"
-            },
+            if taken.is_ok() { "borrowed" } else { "timed out" },
             t.elapsed().as_secs_f64() * 1000.0
         ),
     );
     taken.map_err(|e| match e {
-        DbError::AcquireTimeout => {
-            app.metrics.acquire_timeouts.inc();
-            report.shed = Some("pool_timeout");
-            ApiError::Overloaded {
-                detail: format!(
-                    "the database did not become available within {} ms (pool size {}); retry shortly",
-                    timeout.as_millis(),
-                    app.config.pool_size
-                ),
-                retry_after_s: 1,
-            }
-        }
+        DbError::AcquireTimeout => pool_timeout(app, report, timeout),
         other => ApiError::Internal(other.to_string()),
     })
+}
+
+/// Hands `work` to the writer (unit 04): it must be taken within `ops.0`'s slice (the
+/// `acquire` step: the wait for the writer) and is then waited for within `ops.1`'s (the
+/// write itself, counted under `step`). A write the writer did not take in time was not done:
+/// 503 `overloaded`, like a saturated pool.
+fn write<T: Send + 'static>(
+    app: &App,
+    call: &Call,
+    ops: (Op, Op),
+    report: &mut Report,
+    work: impl FnOnce(&Transaction) -> rusqlite::Result<T> + Send + 'static,
+) -> Result<Result<T, DbError>, ApiError> {
+    let acquire = slice(app, call, ops.0)?;
+    let wait = slice(app, call, ops.1)?;
+    let written = app.db.write(acquire, wait, work);
+    report.timings.add(Step::Acquire, written.waited);
+    report.timings.add(ops.1.step(), written.ran);
+    let taken = !matches!(written.result, Err(DbError::AcquireTimeout));
+    trace::hop(
+        call.request_id,
+        &call.deadline,
+        Unit::Pool,
+        "acquire",
+        Some(acquire),
+        format_args!(
+            "{} after {:.1} ms",
+            if taken {
+                "taken by the writer"
+            } else {
+                "not taken by the writer"
+            },
+            written.waited.as_secs_f64() * 1000.0
+        ),
+    );
+    if taken {
+        Ok(written.result)
+    } else {
+        Err(pool_timeout(app, report, acquire))
+    }
+}
+
+/// 503 `overloaded` for a pool or writer that did not become available within `timeout`.
+fn pool_timeout(app: &App, report: &mut Report, timeout: Duration) -> ApiError {
+    app.metrics.acquire_timeouts.inc();
+    report.shed = Some("pool_timeout");
+    ApiError::Overloaded {
+        detail: format!(
+            "the database did not become available within {} ms (pool size {}); retry shortly",
+            timeout.as_millis(),
+            app.config.pool_size
+        ),
+        retry_after_s: 1,
+    }
 }
 
 /// A failed write as the client sees it; a storage incident's cause is logged here, once per

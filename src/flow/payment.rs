@@ -4,7 +4,7 @@
 
 use std::time::{Instant, SystemTime};
 
-use super::{Call, Handled, Report, borrow, db_error, outcome, slice, validate};
+use super::{Call, Handled, Report, db_error, outcome, slice, validate, write};
 use crate::app::App;
 use crate::deadline::{Op, Step};
 use crate::error::ApiError;
@@ -69,7 +69,7 @@ fn steps(
     settled.answer
 }
 
-/// Step 1: takes the write token and a connection, and lets the idempotency table decide.
+/// Step 1: hands the claim to the writer, and lets the idempotency table decide.
 fn claim(
     app: &App,
     call: &Call,
@@ -77,21 +77,18 @@ fn claim(
     input: &NewPayment,
     report: &mut Report,
 ) -> Result<NextAction, ApiError> {
-    let mut writer = borrow(app, call, Op::ClaimAcquire, report, |db, t| db.writer(t))?;
-    let busy = slice(app, call, Op::ClaimWrite)?;
     let fingerprint = idempotency::fingerprint("POST", "/payments", input);
-    let t = Instant::now();
-    let decided = writer.transaction(busy, |tx| {
+    let (owned, input, lock_ttl) = (OwnedAttempt::from(attempt), input.clone(), app.lock_ttl);
+    let decided = write(app, call, (Op::ClaimAcquire, Op::ClaimWrite), report, move |tx| {
         idempotency::claim(
             tx,
-            attempt,
+            owned.as_attempt(),
             &fingerprint,
-            input,
+            &input,
             SystemTime::now(),
-            app.lock_ttl,
+            lock_ttl,
         )
-    });
-    report.timings.add(Step::Claim, t.elapsed());
+    })?;
     let action = decided.map_err(|e| db_error(e, Step::Claim, None, call.request_id))?;
     let decision = match &action {
         NextAction::Replay(_) => "replayed",
@@ -106,10 +103,38 @@ fn claim(
         &call.deadline,
         Unit::Idempotency,
         "claim",
-        Some(busy),
-        format_args!("key {decision}"),
+        None,
+        format_args!(
+            "key {decision}, committed in {:.1} ms",
+            report.timings.get(Step::Claim).as_secs_f64() * 1000.0
+        ),
     );
     Ok(action)
+}
+
+/// An [`Attempt`] the writer thread can own.
+struct OwnedAttempt {
+    scope: String,
+    key: String,
+    token: String,
+}
+
+impl OwnedAttempt {
+    fn from(a: Attempt) -> OwnedAttempt {
+        OwnedAttempt {
+            scope: a.scope.to_string(),
+            key: a.key.to_string(),
+            token: a.token.to_string(),
+        }
+    }
+
+    fn as_attempt(&self) -> Attempt<'_> {
+        Attempt {
+            scope: &self.scope,
+            key: &self.key,
+            token: &self.token,
+        }
+    }
 }
 
 /// Step 2: the provider call behind the breaker, within its slice; `None` when the budget left
@@ -153,33 +178,35 @@ fn persist(
     stored: Option<&StoredResponse>,
     report: &mut Report,
 ) -> Result<(), ApiError> {
-    let persisted = borrow(app, call, Op::PersistAcquire, report, |db, t| db.writer(t)).and_then(
-        |mut writer| {
-            let busy = slice(app, call, Op::PersistWrite)?;
-            let t = Instant::now();
-            let written = writer.transaction(busy, |tx| {
-                idempotency::persist(tx, attempt, payment, stored, SystemTime::now())
-            });
-            report.timings.add(Step::Persist, t.elapsed());
-            trace::hop(
-                call.request_id,
-                &call.deadline,
-                Unit::Idempotency,
-                "persist",
-                Some(busy),
-                format_args!(
-                    "{} {}",
-                    payment.status.as_str(),
-                    match &written {
-                        Ok(Persisted::Recorded) => "recorded",
-                        Ok(Persisted::LockLost) => "not recorded: the lock was lost",
-                        Err(_) => "not recorded: the write failed",
-                    }
-                ),
-            );
-            written.map_err(|e| db_error(e, Step::Persist, Some(payment), call.request_id))
-        },
-    );
+    let (owned, record, stored) = (OwnedAttempt::from(attempt), payment.clone(), stored.cloned());
+    let persisted = write(app, call, (Op::PersistAcquire, Op::PersistWrite), report, move |tx| {
+        idempotency::persist(
+            tx,
+            owned.as_attempt(),
+            &record,
+            stored.as_ref(),
+            SystemTime::now(),
+        )
+    })
+    .and_then(|written| {
+        trace::hop(
+            call.request_id,
+            &call.deadline,
+            Unit::Idempotency,
+            "persist",
+            None,
+            format_args!(
+                "{} {}",
+                payment.status.as_str(),
+                match &written {
+                    Ok(Persisted::Recorded) => "recorded",
+                    Ok(Persisted::LockLost) => "not recorded: the lock was lost",
+                    Err(_) => "not recorded: the write failed",
+                }
+            ),
+        );
+        written.map_err(|e| db_error(e, Step::Persist, Some(payment), call.request_id))
+    });
     match persisted {
         Ok(Persisted::Recorded) => {
             app.metrics

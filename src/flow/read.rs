@@ -13,9 +13,7 @@ use crate::store::db::{self, DbError};
 /// `GET /payments/{id}`.
 pub fn get(app: &App, call: &Call, id: &str) -> Handled {
     let mut report = Report::default();
-    let answer = borrow(app, call, Op::ClaimAcquire, &mut report, |db, t| {
-        db.acquire(t)
-    })
+    let answer = borrow(app, call, Op::ClaimAcquire, &mut report)
     .and_then(|conn| match db::get_payment(&conn, call.scope, id) {
         Ok(Some(p)) => Ok(Reply::json(200, &p)),
         Ok(None) => Err(ApiError::NotFound),
@@ -59,7 +57,7 @@ fn list_page(
             errors,
         });
     }
-    let conn = borrow(app, call, Op::ClaimAcquire, report, |db, t| db.acquire(t))?;
+    let conn = borrow(app, call, Op::ClaimAcquire, report)?;
     match db::list_payments(&conn, call.scope, limit, starting_after) {
         Ok(Some((data, has_more))) => Ok(Reply::json(
             200,

@@ -136,11 +136,13 @@ fn settle_one(app: &App, u: &Unsettled, stale: i64) -> bool {
             None
         }
     };
-    let written = app.db.writer(Duration::from_secs(1)).and_then(|mut w| {
-        w.transaction(app.config.write_timeout, |tx| {
-            idempotency::settle(tx, u, &payment, stored.as_ref(), stale, now)
+    let (owned, record) = (u.clone(), payment.clone());
+    let written = app
+        .db
+        .write(Duration::from_secs(1), app.config.write_timeout, move |tx| {
+            idempotency::settle(tx, &owned, &record, stored.as_ref(), stale, now)
         })
-    });
+        .result;
     match written {
         Ok(true) => {
             app.metrics
@@ -169,11 +171,12 @@ fn settle_one(app: &App, u: &Unsettled, stale: i64) -> bool {
 
 fn sweep(app: &App) {
     let cutoff = db::unix_ms(SystemTime::now()) - app.config.idempotency_ttl.as_millis() as i64;
-    let swept = app.db.writer(Duration::from_secs(1)).and_then(|mut w| {
-        w.transaction(app.config.write_timeout, |tx| {
+    let swept = app
+        .db
+        .write(Duration::from_secs(1), app.config.write_timeout, move |tx| {
             idempotency::sweep(tx, cutoff)
         })
-    });
+        .result;
     match swept {
         Ok(0) => {}
         Ok(n) => log::info!("sweeper: deleted {n} idempotency keys older than the TTL"),

@@ -13,7 +13,8 @@
 //!    response carries `Connection: close`); then they are joined. If that takes longer than
 //!    `--drain-timeout`, the unfinished requests are logged and the process exits 1 — their
 //!    payments are recovered like after a crash, by idempotency and the reconciler.
-//! 4. **Background threads stop**: the reconciler and sweeper use the pool, so they go first.
+//! 4. **Background threads stop**: the reconciler and sweeper use the pool, so they go first;
+//!    then **the writer** commits what is still queued and stops.
 //! 5. **The pool closes last**, after a WAL checkpoint: nothing is left that could borrow it.
 //!
 //! A second signal during any of this exits at once with status 1.
@@ -41,12 +42,14 @@ pub fn install_signal_handlers() -> Result<Arc<AtomicBool>, String> {
 }
 
 /// Steps 4 and 5, once the workers are joined: stop the background threads that use the pool,
-/// then checkpoint the WAL; the pool closes when the last `App` reference goes.
+/// then the writer, then checkpoint the WAL; the pool closes when the last `App` reference goes.
 pub fn teardown(app: &App, background_stop: &AtomicBool, housekeeping: JoinHandle<()>) {
     background_stop.store(true, Ordering::SeqCst);
     if housekeeping.join().is_err() {
         log::error!("the housekeeping thread panicked");
     }
+    // Nothing can queue a write any more: the writer commits what it holds and stops.
+    app.db.stop_writer();
     match app.db.checkpoint(Duration::from_secs(2)) {
         Ok(()) => log::info!("WAL checkpointed; the pool is closed last"),
         Err(e) => log::warn!("WAL checkpoint at shutdown failed: {e}"),

@@ -10,15 +10,14 @@
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant, SystemTime};
-
-use crossbeam::channel::{self, Receiver, Sender};
+use std::time::{Duration, SystemTime};
 
 use r2d2::{Pool, PooledConnection};
 use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehavior, params};
 use serde::Serialize;
 
+use super::writer::{BatchObserver, WriteQueue, Written};
 use crate::config::SyncMode;
 
 pub type Conn = PooledConnection<SqliteConnectionManager>;
@@ -86,6 +85,21 @@ pub enum DbError {
 }
 
 impl DbError {
+    /// The same failure again, for each write of a batch that failed as a whole; a storage
+    /// incident is new only for the first of them.
+    pub fn share(&self) -> DbError {
+        match self {
+            DbError::AcquireTimeout => DbError::AcquireTimeout,
+            DbError::Busy => DbError::Busy,
+            DbError::Unavailable { cause, .. } => DbError::Unavailable {
+                cause: cause.clone(),
+                new_incident: false,
+            },
+            DbError::Sqlite(e) => DbError::Pool(format!("the batch failed: {e}")),
+            DbError::Pool(e) => DbError::Pool(e.clone()),
+        }
+    }
+
     /// Sorts a SQLite error: busy (the write's slice ran out), storage that cannot be written,
     /// or anything else.
     pub fn from_sqlite(e: rusqlite::Error) -> DbError {
@@ -103,32 +117,31 @@ impl DbError {
     }
 }
 
-/// The shared connection pool.
+/// The shared connection pool, and the one writer in front of it.
 #[derive(Clone)]
 pub struct Db {
     pool: Pool<SqliteConnectionManager>,
-    /// SQLite has one writer at a time, and its busy handler waits by napping and retrying
-    /// (naps of up to 100 ms), so under contention a writer can lose the race again and again
-    /// and miss its slice while the lock is free most of the time — holding a pooled connection
-    /// all the while. Writers of this process therefore queue here, in arrival order, for a
-    /// single token before they borrow a connection; SQLite's own busy wait is left only for
-    /// writers in other processes.
-    write_token: (Sender<()>, Receiver<()>),
+    /// Every write of this process goes through one writer thread, which commits what is
+    /// queued in one transaction (`writer.rs`); the pool lends it a connection per batch and
+    /// serves every read.
+    writer: Arc<WriteQueue>,
     /// Set while writes fail because the storage cannot be written (see
-    /// [`DbError::Unavailable`]); cleared by the next write that succeeds. Readiness fails
-    /// meanwhile, and the housekeeping thread probes with [`Db::probe_write`] so that a server
-    /// nobody sends work to still notices the recovery.
+    /// [`DbError::Unavailable`]); cleared by the next commit. Readiness fails meanwhile, and
+    /// the housekeeping thread probes with [`Db::probe_write`] so that a server nobody sends
+    /// work to still notices the recovery.
     writes_failing: Arc<AtomicBool>,
 }
 
 impl Db {
-    /// Opens (creating parent directories and the file) and migrates the database, then fills a
-    /// pool of `size` connections, each in WAL mode with foreign keys on.
+    /// Opens (creating parent directories and the file) and migrates the database, fills a
+    /// pool of `size` connections, each in WAL mode with foreign keys on, and starts the
+    /// writer; `observer` hears about every batch it commits.
     pub fn open(
         path: &Path,
         size: u32,
         sync: SyncMode,
         write_timeout: Duration,
+        observer: BatchObserver,
     ) -> Result<Db, String> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
@@ -178,34 +191,40 @@ impl Db {
             .connection_timeout(Duration::from_secs(5))
             .build(manager)
             .map_err(|e| format!("cannot open the pool on {}: {e}", path.display()))?;
-        let write_token = channel::bounded(1);
-        write_token
-            .0
-            .send(())
-            .map_err(|_| "cannot create the write token".to_string())?;
+        let writes_failing = Arc::new(AtomicBool::new(false));
+        let writer = WriteQueue::start(
+            pool.clone(),
+            write_timeout,
+            writes_failing.clone(),
+            observer,
+        )?;
         Ok(Db {
             pool,
-            write_token,
-            writes_failing: Arc::new(AtomicBool::new(false)),
+            writer: Arc::new(writer),
+            writes_failing,
         })
     }
 
-    /// The right to write: this process's write token, then a pooled connection, both within
-    /// `timeout`. Writers queue for the token *before* borrowing a connection, so no pooled
-    /// connection sits idle while its holder waits for SQLite's single writer slot.
-    pub fn writer(&self, timeout: Duration) -> Result<Writer, DbError> {
-        let started = Instant::now();
-        self.write_token
-            .1
-            .recv_timeout(timeout)
-            .map_err(|_| DbError::AcquireTimeout)?;
-        let token = TokenGuard(self.write_token.0.clone());
-        let conn = self.acquire(timeout.saturating_sub(started.elapsed()))?;
-        Ok(Writer {
-            conn,
-            _token: token,
-            writes_failing: self.writes_failing.clone(),
-        })
+    /// Hands `work` to the writer: it runs in its own savepoint of the next batch, and its
+    /// result is returned once the batch has committed. See [`WriteQueue::write`] for the two
+    /// timeouts.
+    pub fn write<T: Send + 'static>(
+        &self,
+        acquire: Duration,
+        wait: Duration,
+        work: impl FnOnce(&Transaction) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Written<T> {
+        self.writer.write(acquire, wait, work)
+    }
+
+    /// Writes waiting for the writer.
+    pub fn writer_queue(&self) -> usize {
+        self.writer.queued()
+    }
+
+    /// Lets the writer commit what is queued and stops it (shutdown, before the checkpoint).
+    pub fn stop_writer(&self) {
+        self.writer.stop();
     }
 
     /// Whether the last write reached the storage (false during a disk-full or I/O incident).
@@ -216,11 +235,12 @@ impl Db {
     /// One small real write (to `meta`), to find out whether the storage can be written again.
     pub fn probe_write(&self, timeout: Duration) -> Result<(), DbError> {
         let stamp = timestamp(SystemTime::now());
-        self.writer(timeout)?.transaction(timeout, |tx| {
+        self.write(timeout, timeout, move |tx| {
             tx.prepare_cached(META_UPSERT)?
                 .execute(params!["write_probe", stamp])
                 .map(|_| ())
         })
+        .result
     }
 
     /// Borrows a connection, waiting at most `timeout`.
@@ -282,64 +302,6 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
         tx.commit()?;
     }
     Ok(())
-}
-
-/// A connection that may write. Dropping it returns the connection, then the token.
-pub struct Writer {
-    conn: Conn,
-    _token: TokenGuard,
-    writes_failing: Arc<AtomicBool>,
-}
-
-impl Writer {
-    /// Runs `f` in one `BEGIN IMMEDIATE` transaction whose wait for SQLite's lock (held only by
-    /// other processes, since this one queues its writers) is at most `busy`.
-    pub fn transaction<T>(
-        &mut self,
-        busy: Duration,
-        f: impl FnOnce(&Transaction) -> rusqlite::Result<T>,
-    ) -> Result<T, DbError> {
-        match write_tx(&mut self.conn, busy, f) {
-            Err(DbError::Unavailable { cause, .. }) => {
-                let new_incident = !self.writes_failing.swap(true, Ordering::SeqCst);
-                Err(DbError::Unavailable {
-                    cause,
-                    new_incident,
-                })
-            }
-            Ok(value) => {
-                if self.writes_failing.swap(false, Ordering::SeqCst) {
-                    log::warn!("storage: writes succeed again; ready for work");
-                }
-                Ok(value)
-            }
-            Err(other) => Err(other),
-        }
-    }
-}
-
-/// Gives the write token back however the writer ends, a panic included.
-struct TokenGuard(Sender<()>);
-
-impl Drop for TokenGuard {
-    fn drop(&mut self) {
-        let _ = self.0.try_send(());
-    }
-}
-
-/// Runs `f` in one `BEGIN IMMEDIATE` transaction that waits at most `busy` for the write lock.
-fn write_tx<T>(
-    conn: &mut Conn,
-    busy: Duration,
-    f: impl FnOnce(&Transaction) -> rusqlite::Result<T>,
-) -> Result<T, DbError> {
-    conn.busy_timeout(busy).map_err(DbError::from_sqlite)?;
-    let tx = conn
-        .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(DbError::from_sqlite)?;
-    let value = f(&tx).map_err(DbError::from_sqlite)?;
-    tx.commit().map_err(DbError::from_sqlite)?;
-    Ok(value)
 }
 
 /// RFC 3339 UTC with milliseconds, e.g. `2026-11-27T14:48:43.123Z`.
@@ -544,6 +506,10 @@ impl Payment {
 mod tests {
     use super::*;
 
+    fn no_observer() -> BatchObserver {
+        Arc::new(|_| {})
+    }
+
     fn temp_db() -> (tempfile::TempDir, Db) {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(
@@ -551,6 +517,7 @@ mod tests {
             2,
             SyncMode::Normal,
             Duration::from_millis(100),
+            no_observer(),
         )
         .unwrap();
         (dir, db)
@@ -569,6 +536,7 @@ mod tests {
             1,
             SyncMode::Full,
             Duration::from_millis(100),
+            no_observer(),
         )
         .unwrap();
         let c = again.acquire(Duration::from_secs(1)).unwrap();
@@ -593,20 +561,129 @@ mod tests {
         ));
     }
 
+    /// Holds SQLite's write lock from another connection (as another process would) until
+    /// the returned sender is dropped or sent to.
+    fn hold_write_lock(path: &Path) -> crossbeam::channel::Sender<()> {
+        let (tx, rx) = crossbeam::channel::bounded::<()>(0);
+        let (locked_tx, locked_rx) = crossbeam::channel::bounded(0);
+        let path = path.to_path_buf();
+        std::thread::spawn(move || {
+            let c = Connection::open(path).unwrap();
+            c.execute_batch("BEGIN IMMEDIATE").unwrap();
+            locked_tx.send(()).unwrap();
+            let _ = rx.recv();
+            c.execute_batch("COMMIT").unwrap();
+        });
+        locked_rx.recv().unwrap();
+        tx
+    }
+
+    fn meta_insert(key: String) -> impl FnOnce(&Transaction) -> rusqlite::Result<usize> {
+        move |tx| tx.execute("INSERT INTO meta (key, value) VALUES (?1, 'v')", params![key])
+    }
+
     #[test]
-    fn writers_queue_for_the_token_and_give_up_after_their_timeout() {
-        let (_dir, db) = temp_db();
-        let first = db.writer(Duration::from_secs(1)).unwrap();
-        let t = Instant::now();
-        assert!(matches!(
-            db.writer(Duration::from_millis(50)),
-            Err(DbError::AcquireTimeout)
-        ));
-        assert!(t.elapsed() >= Duration::from_millis(50));
-        // Waiting for the token held no connection: a reader still gets one.
-        assert!(db.acquire(Duration::from_millis(50)).is_ok());
-        drop(first);
-        assert!(db.writer(Duration::from_millis(50)).is_ok());
+    fn a_write_the_writer_did_not_take_within_its_acquire_slice_is_withdrawn_and_never_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.db");
+        let db = Db::open(&path, 2, SyncMode::Normal, Duration::from_secs(5), no_observer())
+            .unwrap();
+        let lock = hold_write_lock(&path);
+        // The writer takes this one and waits in BEGIN for the lock.
+        let first = {
+            let db = db.clone();
+            std::thread::spawn(move || {
+                db.write(Duration::from_secs(5), Duration::from_secs(5), meta_insert("first".into()))
+            })
+        };
+        eventually_queue_empty(&db);
+        let t = std::time::Instant::now();
+        let second = db.write(
+            Duration::from_millis(50),
+            Duration::from_secs(5),
+            meta_insert("second".into()),
+        );
+        assert!(matches!(second.result, Err(DbError::AcquireTimeout)), "{second:?}");
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        // A reader is not held up by a writer waiting for the lock.
+        assert!(db.acquire(Duration::from_millis(500)).is_ok());
+        drop(lock);
+        assert_eq!(first.join().unwrap().result.unwrap(), 1);
+        // The withdrawn write never ran, and the writer goes on.
+        assert_eq!(db.write(Duration::from_secs(1), Duration::from_secs(1), meta_insert("third".into())).result.unwrap(), 1);
+        let c = db.acquire(Duration::from_secs(1)).unwrap();
+        let keys: Vec<String> = c
+            .prepare("SELECT key FROM meta WHERE value = 'v' ORDER BY key")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(keys, ["first", "third"]);
+    }
+
+    /// Waits (≤ 5 s) until the writer has taken everything queued.
+    fn eventually_queue_empty(db: &Db) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while db.writer_queue() > 0 {
+            assert!(std::time::Instant::now() < deadline, "the writer took nothing");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn writes_queued_together_commit_in_one_batch_and_a_failing_one_fails_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.db");
+        let sizes = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let observer: BatchObserver = {
+            let sizes = sizes.clone();
+            Arc::new(move |b| sizes.lock().unwrap().push(b.size))
+        };
+        let db = Db::open(&path, 2, SyncMode::Full, Duration::from_secs(5), observer).unwrap();
+        let lock = hold_write_lock(&path);
+        // The writer is stuck on a first write; ten more queue behind it meanwhile.
+        let blocker = {
+            let db = db.clone();
+            std::thread::spawn(move || {
+                db.write(Duration::from_secs(5), Duration::from_secs(5), meta_insert("blocker".into()))
+            })
+        };
+        eventually_queue_empty(&db);
+        let writes: Vec<_> = (0..10)
+            .map(|i| {
+                let db = db.clone();
+                // Number 4 repeats the key of number 3: a constraint violation of its own.
+                let key = if i == 4 { "k3".to_string() } else { format!("k{i}") };
+                std::thread::spawn(move || {
+                    db.write(Duration::from_secs(5), Duration::from_secs(5), meta_insert(key))
+                })
+            })
+            .collect();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while db.writer_queue() < 10 {
+            assert!(std::time::Instant::now() < deadline, "ten writes queue");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        drop(lock);
+        assert!(blocker.join().unwrap().result.is_ok());
+        let results: Vec<_> = writes.into_iter().map(|w| w.join().unwrap().result).collect();
+        for (i, r) in results.iter().enumerate() {
+            match (i, r) {
+                (4, Err(DbError::Sqlite(e))) => assert!(e.to_string().contains("UNIQUE"), "{e}"),
+                (4, other) => panic!("the duplicate fails: {other:?}"),
+                (_, Ok(1)) => {}
+                (i, other) => panic!("write {i}: {other:?}"),
+            }
+        }
+        let c = db.acquire(Duration::from_secs(1)).unwrap();
+        let n: i64 = c
+            .query_row("SELECT count(*) FROM meta WHERE key LIKE 'k%'", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 9, "every write but the failing one committed");
+        let sizes = sizes.lock().unwrap().clone();
+        assert_eq!(sizes.first(), Some(&1), "{sizes:?}");
+        assert_eq!(sizes.get(1), Some(&10), "the ten queued writes were one batch: {sizes:?}");
     }
 
     #[test]
@@ -618,6 +695,7 @@ mod tests {
             1,
             SyncMode::Normal,
             Duration::from_millis(100),
+            no_observer(),
         )
         .unwrap();
         let limit = |pages: &str| {
@@ -625,15 +703,13 @@ mod tests {
             c.pragma_update(None, "max_page_count", pages).unwrap();
         };
         let big = |db: &Db| {
-            db.writer(Duration::from_secs(1)).unwrap().transaction(
-                Duration::from_millis(100),
-                |tx| {
-                    tx.execute(
-                        "INSERT INTO meta (key, value) VALUES (?1, ?2)",
-                        params![crate::ids::request_id(), "x".repeat(64 * 1024)],
-                    )
-                },
-            )
+            db.write(Duration::from_secs(1), Duration::from_secs(1), |tx| {
+                tx.execute(
+                    "INSERT INTO meta (key, value) VALUES (?1, ?2)",
+                    params![crate::ids::request_id(), "x".repeat(64 * 1024)],
+                )
+            })
+            .result
         };
         assert!(db.storage_healthy());
         let pages: i64 = db
@@ -667,15 +743,14 @@ mod tests {
     #[test]
     fn payments_are_scoped_and_listed_newest_first() {
         let (_dir, db) = temp_db();
-        let mut w = db.writer(Duration::from_secs(1)).unwrap();
-        w.transaction(Duration::from_millis(100), |tx| {
+        db.write(Duration::from_secs(1), Duration::from_secs(1), |tx| {
             for i in 0..3 {
                 insert_payment(tx, "a", &payment(&format!("pay_{i}")))?;
             }
             insert_payment(tx, "b", &payment("pay_b"))
         })
+        .result
         .unwrap();
-        drop(w);
         let c = db.acquire(Duration::from_secs(1)).unwrap();
         assert!(get_payment(&c, "a", "pay_b").unwrap().is_none());
         assert!(get_payment(&c, "b", "pay_b").unwrap().is_some());

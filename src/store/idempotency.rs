@@ -332,15 +332,25 @@ mod tests {
             1,
             SyncMode::Normal,
             Duration::from_millis(100),
+            std::sync::Arc::new(|_| {}),
         )
         .unwrap();
         (dir, db)
     }
 
+    /// Runs `f` in one transaction on a pooled connection (the logic under test, without the
+    /// writer thread in between).
+    fn in_tx<T>(db: &Db, f: impl FnOnce(&Transaction) -> rusqlite::Result<T>) -> T {
+        let mut c = db.acquire(Duration::from_secs(1)).unwrap();
+        let tx = c.transaction().unwrap();
+        let value = f(&tx).unwrap();
+        tx.commit().unwrap();
+        value
+    }
+
     fn do_claim(db: &Db, key: &str, amount: i64, token: &str, now: SystemTime) -> NextAction {
-        let mut w = db.writer(Duration::from_secs(1)).unwrap();
         let fp = fingerprint("POST", "/payments", &input(amount));
-        w.transaction(Duration::from_millis(100), |tx| {
+        in_tx(db, |tx| {
             claim(
                 tx,
                 att(key, token),
@@ -350,7 +360,6 @@ mod tests {
                 Duration::from_secs(4),
             )
         })
-        .unwrap()
     }
 
     #[test]
@@ -396,21 +405,14 @@ mod tests {
             headers: vec![("Location".into(), format!("/payments/{}", payment.id))],
             body: b"{}".to_vec(),
         };
-        let mut c = db.writer(Duration::from_secs(1)).unwrap();
-        let late = c
-            .transaction(Duration::from_millis(100), |tx| {
-                persist(tx, att("k", "t1"), &payment, Some(&resp), later)
-            })
-            .unwrap();
+        let late = in_tx(&db, |tx| {
+            persist(tx, att("k", "t1"), &payment, Some(&resp), later)
+        });
         assert_eq!(late, Persisted::LockLost);
-        drop(c);
         assert_eq!(do_claim(&db, "k", 5, "t4", t0), NextAction::InUse);
-        let mut c = db.writer(Duration::from_secs(1)).unwrap();
-        c.transaction(Duration::from_millis(100), |tx| {
+        in_tx(&db, |tx| {
             persist(tx, att("k", "t3"), &payment, Some(&resp), later)
-        })
-        .unwrap();
-        drop(c);
+        });
         assert_eq!(do_claim(&db, "k", 5, "t5", later), NextAction::Replay(resp));
     }
 
@@ -436,25 +438,16 @@ mod tests {
             headers: vec![],
             body: b"{}".to_vec(),
         };
-        let mut w = db.writer(Duration::from_secs(1)).unwrap();
-        let live = w
-            .transaction(Duration::from_millis(100), |tx| {
-                settle(tx, &found[0], &payment, Some(&resp), now_ms - 4000, t0)
-            })
-            .unwrap();
+        let live = in_tx(&db, |tx| {
+            settle(tx, &found[0], &payment, Some(&resp), now_ms - 4000, t0)
+        });
         assert!(!live, "not while the lock is fresh");
-        let done = w
-            .transaction(Duration::from_millis(100), |tx| {
-                settle(tx, &found[0], &payment, Some(&resp), now_ms + 1, t0)
-            })
-            .unwrap();
+        let done = in_tx(&db, |tx| {
+            settle(tx, &found[0], &payment, Some(&resp), now_ms + 1, t0)
+        });
         assert!(done);
-        drop(w);
         assert_eq!(do_claim(&db, "k", 5, "t2", t0), NextAction::Replay(resp));
-        let mut w = db.writer(Duration::from_secs(1)).unwrap();
-        let swept = w
-            .transaction(Duration::from_millis(100), |tx| sweep(tx, now_ms + 1))
-            .unwrap();
+        let swept = in_tx(&db, |tx| sweep(tx, now_ms + 1));
         assert_eq!(swept, 1);
     }
 
@@ -466,12 +459,7 @@ mod tests {
             panic!()
         };
         payment.status = PaymentStatus::Pending;
-        let mut c = db.writer(Duration::from_secs(1)).unwrap();
-        c.transaction(Duration::from_millis(100), |tx| {
-            persist(tx, att("k", "t1"), &payment, None, t0)
-        })
-        .unwrap();
-        drop(c);
+        in_tx(&db, |tx| persist(tx, att("k", "t1"), &payment, None, t0));
         match do_claim(&db, "k", 5, "t2", t0) {
             NextAction::Charge {
                 payment: p,

@@ -1,0 +1,336 @@
+//! Unit 04, the write path: one writer thread and group commit.
+//!
+//! SQLite has one writer at a time, so this process has one writer thread. Requests hand it
+//! their writes ([`WriteQueue::write`]) and wait for the answer. It takes everything queued
+//! (up to [`MAX_BATCH`]), runs each write in its own savepoint inside one `BEGIN IMMEDIATE`
+//! transaction, commits once — one fsync for the whole batch under `--sync full` — and only
+//! then answers each waiting request: nothing is reported written before it is durable. A write
+//! that fails rolls back its own savepoint; its neighbours commit.
+//!
+//! Why not let every request write for itself: each write then waits its turn for SQLite's lock
+//! (or this process's write token), and on a busy machine every hand-off of the lock has to wake
+//! one particular thread — two hand-offs per payment, a lock convoy — and every commit is its
+//! own fsync. Here the hand-off is a channel the writer drains in bulk.
+//!
+//! The budget still rules: a write not taken by the writer within its `acquire` slice is
+//! withdrawn and answered like a saturated pool (the caller's 503), and a taken one is waited
+//! for within its `write` slice.
+
+use std::any::Any;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use crossbeam::channel::{self, Receiver, RecvTimeoutError, Sender, TrySendError};
+use r2d2::Pool;
+use r2d2_sqlite::SqliteConnectionManager;
+use rusqlite::{Transaction, TransactionBehavior};
+
+use super::db::DbError;
+
+/// The most writes one transaction takes.
+pub const MAX_BATCH: usize = 256;
+/// The most writes waiting for the writer; a caller that finds the queue full is refused at
+/// once (it is bounded by its acquire slice anyway).
+const QUEUE_CAPACITY: usize = 1024;
+/// How often an idle writer looks at its stop flag.
+const IDLE_WAKE: Duration = Duration::from_millis(50);
+
+/// What the writer reports after each batch, for the metrics.
+#[derive(Clone, Copy, Debug)]
+pub struct BatchReport {
+    /// Writes in the transaction (withdrawn ones not counted).
+    pub size: usize,
+    /// From `BEGIN` to the end of `COMMIT`.
+    pub commit: Duration,
+    /// Writes still queued when the batch ended.
+    pub queued: usize,
+}
+
+/// Receives a [`BatchReport`] after every batch.
+pub type BatchObserver = Arc<dyn Fn(BatchReport) + Send + Sync>;
+
+/// A write's result, boxed so that one queue carries writes of every type.
+type Value = Box<dyn Any + Send>;
+type Work = Box<dyn FnOnce(&Transaction) -> rusqlite::Result<Value> + Send>;
+
+/// Where a queued write stands: the caller may withdraw it until the writer takes it.
+const QUEUED: u8 = 0;
+const TAKEN: u8 = 1;
+const WITHDRAWN: u8 = 2;
+
+struct Op {
+    work: Work,
+    state: Arc<AtomicU8>,
+    answer: Sender<Answer>,
+}
+
+struct Answer {
+    result: Result<Value, DbError>,
+    /// When the writer took the write: the end of its wait in the queue.
+    taken: Instant,
+}
+
+/// How long a write waited for the writer and how long it then took, with its result.
+#[derive(Debug)]
+pub struct Written<T> {
+    pub result: Result<T, DbError>,
+    /// From handing it over to the writer taking it (the `acquire` step).
+    pub waited: Duration,
+    /// From being taken to its commit being answered (the write step).
+    pub ran: Duration,
+}
+
+/// The queue in front of the writer thread, and the thread.
+pub struct WriteQueue {
+    tx: Sender<Op>,
+    stop: Arc<AtomicBool>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl WriteQueue {
+    /// Starts the writer on `pool`. Each batch borrows one pooled connection for its
+    /// transaction, whose wait for SQLite's lock (held only by other processes) is at most
+    /// `busy`. `writes_failing` is set while writes fail for lack of storage, cleared by the
+    /// next commit.
+    pub fn start(
+        pool: Pool<SqliteConnectionManager>,
+        busy: Duration,
+        writes_failing: Arc<AtomicBool>,
+        observer: BatchObserver,
+    ) -> Result<WriteQueue, String> {
+        let (tx, rx) = channel::bounded::<Op>(QUEUE_CAPACITY);
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            thread::Builder::new()
+                .name("db-writer".into())
+                .spawn(move || {
+                    writer_loop(&pool, &rx, busy, &stop, &writes_failing, &*observer);
+                })
+                .map_err(|e| format!("cannot start the database writer: {e}"))?
+        };
+        Ok(WriteQueue {
+            tx,
+            stop,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Writes queued and not yet taken.
+    pub fn queued(&self) -> usize {
+        self.tx.len()
+    }
+
+    /// Hands `work` to the writer. If the writer has not taken it within `acquire`, it is
+    /// withdrawn ([`DbError::AcquireTimeout`]: nothing was written). Once taken, its answer is
+    /// waited for within `wait` ([`DbError::Busy`] after that: it may still commit).
+    pub fn write<T: Send + 'static>(
+        &self,
+        acquire: Duration,
+        wait: Duration,
+        work: impl FnOnce(&Transaction) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Written<T> {
+        let handed = Instant::now();
+        let (answer_tx, answer_rx) = channel::bounded(1);
+        let state = Arc::new(AtomicU8::new(QUEUED));
+        let op = Op {
+            work: Box::new(move |tx| work(tx).map(|v| Box::new(v) as Value)),
+            state: state.clone(),
+            answer: answer_tx,
+        };
+        let refused = |result| Written {
+            result,
+            waited: handed.elapsed(),
+            ran: Duration::ZERO,
+        };
+        match self.tx.try_send(op) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => return refused(Err(DbError::AcquireTimeout)),
+            Err(TrySendError::Disconnected(_)) => {
+                return refused(Err(DbError::Pool("the database writer has stopped".into())));
+            }
+        }
+        let answer = match answer_rx.recv_timeout(acquire) {
+            Ok(answer) => answer,
+            Err(_) => {
+                // Not answered within the acquire slice: withdraw it unless the writer has
+                // taken it, in which case it runs, and its answer is worth waiting for.
+                if state
+                    .compare_exchange(QUEUED, WITHDRAWN, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+                {
+                    return refused(Err(DbError::AcquireTimeout));
+                }
+                match answer_rx.recv_timeout(wait) {
+                    Ok(answer) => answer,
+                    Err(_) => return refused(Err(DbError::Busy)),
+                }
+            }
+        };
+        // The writer sends back exactly what `work` returned, so the downcast holds.
+        let result = answer.result.and_then(|v| {
+            v.downcast::<T>()
+                .map(|v| *v)
+                .map_err(|_| DbError::Pool("a write was answered with another type".into()))
+        });
+        let waited = answer.taken.saturating_duration_since(handed);
+        Written {
+            result,
+            waited,
+            ran: handed.elapsed().saturating_sub(waited),
+        }
+    }
+
+    /// Lets the writer finish what is queued, then joins it (the last write of the process).
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let thread = self
+            .thread
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(thread) = thread
+            && thread.join().is_err()
+        {
+            log::error!("the database writer panicked");
+        }
+    }
+}
+
+fn writer_loop(
+    pool: &Pool<SqliteConnectionManager>,
+    rx: &Receiver<Op>,
+    busy: Duration,
+    stop: &AtomicBool,
+    writes_failing: &AtomicBool,
+    observer: &(dyn Fn(BatchReport) + Send + Sync),
+) {
+    loop {
+        let first = match rx.recv_timeout(IDLE_WAKE) {
+            Ok(op) => op,
+            Err(RecvTimeoutError::Timeout) if stop.load(Ordering::SeqCst) => return,
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
+        let mut batch = Vec::with_capacity(16);
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        // A write its caller withdrew is dropped; the others can no longer be withdrawn.
+        batch.retain(|op| {
+            op.state
+                .compare_exchange(QUEUED, TAKEN, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+        });
+        if batch.is_empty() {
+            continue;
+        }
+        let taken = Instant::now();
+        let size = batch.len();
+        let started = Instant::now();
+        run_batch(pool, batch, busy, taken, writes_failing);
+        observer(BatchReport {
+            size,
+            commit: started.elapsed(),
+            queued: rx.len(),
+        });
+    }
+}
+
+/// One transaction for the whole batch, a savepoint per write, one commit; then the answers.
+fn run_batch(
+    pool: &Pool<SqliteConnectionManager>,
+    batch: Vec<Op>,
+    busy: Duration,
+    taken: Instant,
+    writes_failing: &AtomicBool,
+) {
+    let mut conn = match pool.get_timeout(busy) {
+        Ok(c) => c,
+        Err(e) => {
+            let why = if e.to_string().contains("timed out") {
+                DbError::AcquireTimeout
+            } else {
+                DbError::Pool(e.to_string())
+            };
+            return fail_all(batch, why, taken);
+        }
+    };
+    let begun = conn.busy_timeout(busy).and_then(|()| {
+        conn.transaction_with_behavior(TransactionBehavior::Immediate)
+    });
+    let tx = match begun {
+        Ok(tx) => tx,
+        Err(e) => {
+            let why = note(DbError::from_sqlite(e), writes_failing);
+            return fail_all(batch, why, taken);
+        }
+    };
+    let mut results: Vec<(Sender<Answer>, Result<Value, DbError>)> = Vec::with_capacity(batch.len());
+    for op in batch {
+        let result = match tx.execute_batch("SAVEPOINT write") {
+            Err(e) => Err(DbError::from_sqlite(e)),
+            Ok(()) => match (op.work)(&tx) {
+                Ok(v) => tx
+                    .execute_batch("RELEASE write")
+                    .map(|()| v)
+                    .map_err(DbError::from_sqlite),
+                Err(e) => {
+                    // This write alone is undone; the batch goes on.
+                    let _ = tx.execute_batch("ROLLBACK TO write; RELEASE write");
+                    Err(DbError::from_sqlite(e))
+                }
+            },
+        };
+        results.push((op.answer, result));
+    }
+    match tx.commit() {
+        Ok(()) => {
+            if writes_failing.swap(false, Ordering::SeqCst) {
+                log::warn!("storage: writes succeed again; ready for work");
+            }
+            for (answer, result) in results {
+                let result = result.map_err(|e| note(e, writes_failing));
+                let _ = answer.send(Answer { result, taken });
+            }
+        }
+        Err(e) => {
+            let why = note(DbError::from_sqlite(e), writes_failing);
+            let answers = results.into_iter().map(|(answer, _)| answer).collect();
+            answer_all(answers, why, taken);
+        }
+    }
+}
+
+/// Marks a storage incident (the first failure after writes last succeeded is a new one).
+fn note(e: DbError, writes_failing: &AtomicBool) -> DbError {
+    match e {
+        DbError::Unavailable { cause, .. } => DbError::Unavailable {
+            cause,
+            new_incident: !writes_failing.swap(true, Ordering::SeqCst),
+        },
+        other => other,
+    }
+}
+
+fn fail_all(batch: Vec<Op>, why: DbError, taken: Instant) {
+    answer_all(batch.into_iter().map(|op| op.answer).collect(), why, taken);
+}
+
+/// Answers every write with `why`; the first keeps whether it is a new storage incident, so
+/// that its cause is logged once.
+fn answer_all(answers: Vec<Sender<Answer>>, why: DbError, taken: Instant) {
+    let copies: Vec<DbError> = answers.iter().skip(1).map(|_| why.share()).collect();
+    for (answer, result) in answers.into_iter().zip(std::iter::once(why).chain(copies)) {
+        let _ = answer.send(Answer {
+            result: Err(result),
+            taken,
+        });
+    }
+}
