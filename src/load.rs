@@ -452,17 +452,10 @@ fn record(
         .get("Server-Timing")
         .and_then(|v| v.to_str().ok())
     {
-        for entry in timing.split(',') {
-            let mut parts = entry.trim().split(';');
-            let name = parts.next().unwrap_or("").to_string();
-            if let Some(dur) = parts
-                .find_map(|p| p.trim().strip_prefix("dur="))
-                .and_then(|d| d.parse::<f64>().ok())
-            {
-                let e = tally.steps.entry(name).or_default();
-                e.0 += dur;
-                e.1 += 1;
-            }
+        for entry in crate::server_timing::parse(timing) {
+            let e = tally.steps.entry(entry.name).or_default();
+            e.0 += entry.dur_ms;
+            e.1 += 1;
         }
     }
     let body = response.body_mut().read_to_string().unwrap_or_default();

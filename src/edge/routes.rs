@@ -4,7 +4,7 @@
 //!
 //! | method | path | behind the chain | handler |
 //! |---|---|---|---|
-//! | GET, HEAD | `/healthz` | no | liveness: 200 while the process runs |
+//! | GET, HEAD | `/healthz` | no, and no worker | liveness: 200 while the process runs, also when every worker is busy |
 //! | GET, HEAD | `/readyz` | no | readiness: 503 while draining or storage fails |
 //! | GET, HEAD | `/metrics` | no | Prometheus text |
 //! | POST | `/payments` | yes | [`crate::flow::payment::create`] |
@@ -42,7 +42,10 @@ impl Methods {
 /// What answers a route.
 #[derive(Clone, Copy)]
 enum Handler {
-    /// Answered at once, without the middleware chain.
+    /// Answered by the dispatcher without a worker (see [`immediate`]): it needs nothing that
+    /// can wait, and must not wait for a worker itself.
+    Immediate(fn() -> Reply),
+    /// Answered at once by a worker, without the middleware chain.
     Open(fn(&App) -> Reply),
     /// Behind the chain (auth → rate limit → deadline); the last argument is the `{id}` of the
     /// path, empty when the template has none.
@@ -63,7 +66,7 @@ pub const ROUTES: &[Route] = &[
         methods: Methods::Read,
         template: "/healthz",
         label: "GET /healthz",
-        handler: Handler::Open(healthz),
+        handler: Handler::Immediate(healthz),
     },
     Route {
         methods: Methods::Read,
@@ -123,6 +126,17 @@ pub fn label_for(method: &str, path: &str) -> &'static str {
         .map_or(OTHER, |r| r.label)
 }
 
+/// The answer of a route that needs no worker, if `method` and `path` name one: liveness must
+/// say the process runs even while every worker is busy and the queue is full.
+pub fn immediate(method: &Method, path: &str) -> Option<Reply> {
+    ROUTES.iter().find_map(|r| match r.handler {
+        Handler::Immediate(answer) if r.methods.accepts(method) && r.matches(path).is_some() => {
+            Some(answer())
+        }
+        _ => None,
+    })
+}
+
 /// A handler's answer, and the rate limiter's decision when the chain ran.
 pub struct Routed {
     pub handled: Handled,
@@ -158,6 +172,13 @@ pub fn route(app: &App, info: &RequestInfo, request: &mut Request) -> Routed {
             continue;
         }
         return match r.handler {
+            Handler::Immediate(answer) => Routed {
+                handled: Handled {
+                    answer: Ok(answer()),
+                    report: Report::default(),
+                },
+                rate: None,
+            },
             Handler::Open(handler) => Routed {
                 handled: Handled {
                     answer: Ok(handler(app)),
@@ -219,7 +240,7 @@ fn get_payment(app: &App, call: &Call, _: &mut Request, id: &str) -> Handled {
     flow::read::get(app, call, id)
 }
 
-fn healthz(_: &App) -> Reply {
+fn healthz() -> Reply {
     Reply::json(200, &json!({"status": "ok"}))
 }
 
