@@ -35,11 +35,11 @@ use super::http;
 use super::liveness::Prober;
 use super::middleware::RequestInfo;
 use super::observe::{self, Observed};
-use super::routes::{self, Routed};
+use super::routes;
 use crate::app::App;
 use crate::deadline::Step;
 use crate::error::ApiError;
-use crate::flow::{Handled, Report};
+use crate::flow::Report;
 use crate::reply::Reply;
 use crate::trace::Unit;
 use crate::workers::{Rejected, WorkerPool};
@@ -341,6 +341,10 @@ fn write_direct(app: &App, d: Direct) {
         shed,
         at,
     } = d;
+    // Counted among the requests the drain reports, like every answer written during it.
+    let _running = app
+        .inflight
+        .enter(&info.request_id, &info.method, &info.path);
     let mut report = Report {
         shed,
         ..Report::default()
@@ -377,11 +381,13 @@ fn handle(app: &App, job: Job) {
     let _running = app
         .inflight
         .enter(&info.request_id, &info.method, &info.path);
-    let Routed {
-        handled: Handled { answer, mut report },
-        rate,
-    } = guarded(&info.request_id, || routes::route(app, &info, &mut request));
+    // Owned here, outside the panic boundary: what the handler recorded survives a panic.
+    let mut report = Report::default();
     report.timings.add(Step::Queue, queued);
+    let mut rate = None;
+    let answer = guarded(&info.request_id, || {
+        routes::route(app, &info, &mut request, &mut report, &mut rate)
+    });
     let reply = answer.unwrap_or_else(|e| e.into_reply(&info.request_id));
     let status = reply.status;
     let seen = Observed {
@@ -398,25 +404,19 @@ fn handle(app: &App, job: Job) {
 }
 
 /// Runs `f`; a panic becomes a 500, so the worker lives on.
-fn guarded(request_id: &str, f: impl FnOnce() -> Routed) -> Routed {
-    match panic::catch_unwind(AssertUnwindSafe(f)) {
-        Ok(routed) => routed,
-        Err(panic) => {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
-            log::error!("{request_id}: handler panicked: {what}");
-            Routed {
-                handled: Handled {
-                    answer: Err(ApiError::Internal(what)),
-                    report: Report::default(),
-                },
-                rate: None,
-            }
-        }
-    }
+fn guarded(
+    request_id: &str,
+    f: impl FnOnce() -> Result<Reply, ApiError>,
+) -> Result<Reply, ApiError> {
+    panic::catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        log::error!("{request_id}: handler panicked: {what}");
+        Err(ApiError::Internal(what))
+    })
 }
 
 /// Logs each request still running when the drain deadline passed, and says so in the error
@@ -438,26 +438,25 @@ fn drain_overran(app: &App, front: &Front) -> String {
 mod tests {
     use super::*;
 
-    fn answered(status: u16) -> Routed {
-        Routed {
-            handled: Handled {
-                answer: Ok(Reply::text(status, "text/plain", "")),
-                report: Report::default(),
-            },
-            rate: None,
-        }
-    }
-
     #[test]
     fn a_panicking_handler_becomes_a_500_and_the_caller_continues() {
-        let routed = guarded("req_x", || panic!("boom"));
-        let reply = routed.handled.answer.unwrap_err().into_reply("req_x");
+        let mut recorded = Report::default();
+        let answer = guarded("req_x", || {
+            recorded.idempotency = Some("new");
+            panic!("boom")
+        });
+        let reply = answer.unwrap_err().into_reply("req_x");
         assert_eq!(reply.status, 500);
         let body: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
         assert_eq!(body["code"], "internal-error");
         assert_eq!(body["request_id"], "req_x");
+        assert_eq!(
+            recorded.idempotency,
+            Some("new"),
+            "what was recorded survives"
+        );
         // The same thread keeps working after the panic.
-        let again = guarded("req_y", || answered(200));
-        assert_eq!(again.handled.answer.unwrap().status, 200);
+        let again = guarded("req_y", || Ok(Reply::text(200, "text/plain", "")));
+        assert_eq!(again.unwrap().status, 200);
     }
 }

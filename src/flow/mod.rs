@@ -1,7 +1,7 @@
 //! The payment flow, without an HTTP server: plain functions over plain inputs (the parsed
-//! payment, the caller's scope, the key, the deadline) returning plain results. The tiny_http
-//! adapter (`edge::routes`) reads a request and calls them; another server could call the same
-//! steps.
+//! payment, the caller's scope, the key, the deadline) returning plain results — the answer, and
+//! in the request's [`Report`] what happened on the way. The tiny_http adapter (`edge::routes`)
+//! reads a request and calls them; another server could call the same steps.
 //!
 //! - [`validate`]: the body and the key, checked before anything is borrowed.
 //! - [`payment::create`]: claim → charge → settle → persist → answer, each step with its slice.
@@ -20,17 +20,18 @@ use std::time::{Duration, Instant};
 use crate::app::App;
 use crate::deadline::{Deadline, Exhausted, Op, Step};
 use crate::error::ApiError;
-use crate::reply::Reply;
 use crate::store::db::{Db, DbError, Payment};
 use crate::trace::{self, Unit};
 
 /// Who is asking, and by when: what every step is handed.
 #[derive(Clone, Copy, Debug)]
-pub struct Call<'a> {
+pub struct Caller<'a> {
     /// For logs and problem bodies.
     pub request_id: &'a str,
     /// The caller's scope (from its API key): payments and keys belong to it.
     pub scope: &'a str,
+    /// The request's budget as the middleware left it (shortened by `Request-Timeout-Ms` if
+    /// the client asked), started when the request was read off the socket.
     pub deadline: Deadline,
 }
 
@@ -48,7 +49,9 @@ impl Timings {
     }
 }
 
-/// What a handler reports besides its answer, for the observation layer to log and count.
+/// What happened to one request besides its answer, for the observation layer to log and
+/// count. The worker owns one per request and lends it to the handler, so that what was
+/// recorded survives even a panic; nothing else reads or writes it.
 #[derive(Clone, Debug, Default)]
 pub struct Report {
     pub timings: Timings,
@@ -60,17 +63,11 @@ pub struct Report {
     pub shed: Option<&'static str>,
 }
 
-/// A handler's answer and its report.
-#[derive(Debug)]
-pub struct Handled {
-    pub answer: Result<Reply, ApiError>,
-    pub report: Report,
-}
-
-/// The slice of `call`'s deadline that `op` may take, starting now; a step that cannot get a
+/// The slice of `caller`'s deadline that `op` may take, starting now; a step that cannot get a
 /// useful one does not start (and the trace says where the request stopped).
-fn slice(app: &App, call: &Call, op: Op) -> Result<Duration, ApiError> {
-    call.deadline
+fn slice(app: &App, caller: &Caller, op: Op) -> Result<Duration, ApiError> {
+    caller
+        .deadline
         .slice(app.clock.now(), &app.timeouts, op)
         .map_err(|Exhausted { step }| {
             let unit = match op {
@@ -79,8 +76,8 @@ fn slice(app: &App, call: &Call, op: Op) -> Result<Duration, ApiError> {
                 Op::ProviderCall => Unit::Breaker,
             };
             trace::hop(
-                call.request_id,
-                &call.deadline,
+                caller.request_id,
+                &caller.deadline,
                 unit,
                 step.name(),
                 None,
@@ -98,18 +95,18 @@ fn slice(app: &App, call: &Call, op: Op) -> Result<Duration, ApiError> {
 /// `overloaded`: nothing was done, the client may retry.
 fn borrow<T>(
     app: &App,
-    call: &Call,
+    caller: &Caller,
     op: Op,
     report: &mut Report,
     take: impl FnOnce(&Db, Duration) -> Result<T, DbError>,
 ) -> Result<T, ApiError> {
-    let timeout = slice(app, call, op)?;
+    let timeout = slice(app, caller, op)?;
     let t = Instant::now();
     let taken = take(&app.db, timeout);
     report.timings.add(Step::Acquire, t.elapsed());
     trace::hop(
-        call.request_id,
-        &call.deadline,
+        caller.request_id,
+        &caller.deadline,
         Unit::Pool,
         "acquire",
         Some(timeout),

@@ -111,7 +111,7 @@ fn settle_one(app: &App, u: &Unsettled, stale: i64) -> bool {
         ) => {
             // The same mapping the handler uses: the stored answer a retry replays is the one
             // the request would have got.
-            outcome::settle(&mut payment, Some(charged), true, "reconciler").stored
+            outcome::settle(&mut payment, Some(charged), true, "reconciler", now).stored
         }
         LookupAnswer::Final(other) => {
             log::warn!(
