@@ -42,7 +42,7 @@ use crate::error::ApiError;
 use crate::flow::Report;
 use crate::reply::Reply;
 use crate::trace::Unit;
-use crate::workers::{Rejected, WorkerPool};
+use crate::workers::{self, Rejected, WorkerPool};
 
 /// A request read off the socket, with its identity, waiting for a worker.
 struct Job {
@@ -409,11 +409,7 @@ fn guarded(
     f: impl FnOnce() -> Result<Reply, ApiError>,
 ) -> Result<Reply, ApiError> {
     panic::catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|panic| {
-        let what = panic
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "unknown panic".into());
+        let what = workers::panic_message(panic.as_ref());
         log::error!("{request_id}: handler panicked: {what}");
         Err(ApiError::Internal(what))
     })
