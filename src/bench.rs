@@ -23,6 +23,9 @@ pub struct BenchConfig {
     /// Print the results as JSON.
     #[arg(long, env = "PAYTRACE_BENCH_JSON")]
     pub json: bool,
+    /// Run only the scenarios whose name contains this text, e.g. `flood` or `--workers 8`.
+    #[arg(long, env = "PAYTRACE_BENCH_ONLY")]
+    pub only: Option<String>,
 }
 
 struct Scenario {
@@ -33,6 +36,9 @@ struct Scenario {
     concurrency: u32,
     /// Little's law: workers / provider latency.
     little: Option<f64>,
+    /// A second, light client in the same server for the same time: (path, concurrency).
+    /// The flood row reads how fast its answers come while the main clients are refused.
+    probe: Option<(&'static str, u32)>,
 }
 
 fn scenarios() -> Vec<Scenario> {
@@ -52,6 +58,7 @@ fn scenarios() -> Vec<Scenario> {
             serve_args: base(&[]),
             concurrency: 32,
             little: None,
+            probe: None,
         },
         Scenario {
             name: "POST /payments, provider 0 ms, --sync full".into(),
@@ -60,6 +67,7 @@ fn scenarios() -> Vec<Scenario> {
             serve_args: base(&["--sync", "full"]),
             concurrency: 32,
             little: None,
+            probe: None,
         },
         Scenario {
             name: "POST /payments, provider 0 ms, --sync normal".into(),
@@ -68,6 +76,7 @@ fn scenarios() -> Vec<Scenario> {
             serve_args: base(&["--sync", "normal"]),
             concurrency: 32,
             little: None,
+            probe: None,
         },
     ];
     for workers in [8u32, 32, 128] {
@@ -80,9 +89,62 @@ fn scenarios() -> Vec<Scenario> {
             // already queued, so the workers, not the client's reconnects, set the pace.
             concurrency: workers * 2,
             little: Some(f64::from(workers) / 0.050),
+            probe: None,
         });
     }
+    // Shedding under a flood: far more clients than 2 workers and a queue of 2 can hold, so
+    // nearly every payment is refused 503 `overloaded` at admission, while a light client asks
+    // /healthz of the same server. A refusal is the cheapest answer there is: its p99 should
+    // stay near /healthz's, and the row says how near (`shed_to_healthz_p99`).
+    list.push(Scenario {
+        name: "POST /payments flood, provider 50 ms, --workers 2 --queue 2".into(),
+        path: "/payments",
+        provider_latency_ms: 50,
+        serve_args: [
+            "--rate-limit",
+            "1000000/s",
+            "--sync",
+            "normal",
+            "--workers",
+            "2",
+            "--queue",
+            "2",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
+        concurrency: 64,
+        little: Some(2.0 / 0.050),
+        probe: Some(("/healthz", 2)),
+    });
     list
+}
+
+/// The flood row's own fields, from the flood's load summary and the /healthz probe's: the
+/// refusals' (503) latency, /healthz's latency whatever its status, and their ratio.
+fn flood_fields(flood: &Value, probe: &Value) -> Value {
+    let shed = &flood["latency_by_status_ms"]["503"];
+    let count = |summary: &Value, status: &str| summary["status"][status].as_u64().unwrap_or(0);
+    let healthz_requests = probe["requests"].as_u64().unwrap_or(0);
+    let (healthz_200, healthz_503) = (count(probe, "200"), count(probe, "503"));
+    let shed_p99 = shed["p99"].as_f64();
+    let healthz_p99 = probe["latency_ms"]["p99"].as_f64();
+    let ratio = match (shed_p99, healthz_p99) {
+        (Some(s), Some(h)) if h > 0.0 => Some((s / h * 100.0).round() / 100.0),
+        _ => None,
+    };
+    json!({
+        "sheds": count(flood, "503"),
+        "shed_p50_ms": shed["p50"].as_f64(),
+        "shed_p99_ms": shed_p99,
+        "healthz_requests": healthz_requests,
+        "healthz_200": healthz_200,
+        "healthz_503": healthz_503,
+        "healthz_other": healthz_requests - healthz_200 - healthz_503,
+        "healthz_p50_ms": probe["latency_ms"]["p50"].as_f64(),
+        "healthz_p99_ms": healthz_p99,
+        "shed_to_healthz_p99": ratio,
+    })
 }
 
 /// A child process, killed when dropped.
@@ -162,8 +224,25 @@ fn cpu_jiffies() -> Option<(u64, u64)> {
 pub fn run(config: BenchConfig) -> Result<(), String> {
     let dir = std::env::temp_dir().join(format!("paytrace-bench-{:08x}", rand::random::<u32>()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let chosen: Vec<Scenario> = scenarios()
+        .into_iter()
+        .filter(|s| {
+            config
+                .only
+                .as_ref()
+                .is_none_or(|o| s.name.contains(o.as_str()))
+        })
+        .collect();
+    if chosen.is_empty() {
+        let names: Vec<String> = scenarios().into_iter().map(|s| s.name).collect();
+        return Err(format!(
+            "--only {:?} names no scenario; the scenarios are: {}",
+            config.only.as_deref().unwrap_or(""),
+            names.join("; ")
+        ));
+    }
     let mut rows = Vec::new();
-    for (i, s) in scenarios().iter().enumerate() {
+    for (i, s) in chosen.iter().enumerate() {
         eprintln!("bench: {} …", s.name);
         let provider = spawn(&[
             "provider".into(),
@@ -197,23 +276,34 @@ pub fn run(config: BenchConfig) -> Result<(), String> {
                 }
             })
         };
+        let load_config = |path: &str, concurrency: u32| LoadConfig {
+            url: serve.1.clone(),
+            api_key: crate::config::DEV_API_KEY.into(),
+            concurrency,
+            duration: Some(config.duration),
+            requests: None,
+            rate: None,
+            replay_fraction: 0.0,
+            path: path.into(),
+            timeout: Duration::from_secs(10),
+            json: true,
+        };
         let cpu_before = cpu_jiffies();
-        let summary = load::execute(
-            &LoadConfig {
-                url: serve.1.clone(),
-                api_key: crate::config::DEV_API_KEY.into(),
-                concurrency: s.concurrency,
-                duration: Some(config.duration),
-                requests: None,
-                rate: None,
-                replay_fraction: 0.0,
-                path: s.path.into(),
-                timeout: Duration::from_secs(10),
-                json: true,
-            },
-            false,
-        )
-        .map_err(|e| format!("{}: {e}", s.name))?;
+        let probe = s.probe.map(|(path, concurrency)| {
+            let probe_config = load_config(path, concurrency);
+            thread::spawn(move || load::execute(&probe_config, false))
+        });
+        let summary = load::execute(&load_config(s.path, s.concurrency), false)
+            .map_err(|e| format!("{}: {e}", s.name))?;
+        let probe = match probe {
+            Some(handle) => Some(
+                handle
+                    .join()
+                    .map_err(|_| format!("{}: the probe's load panicked", s.name))?
+                    .map_err(|e| format!("{}: probe: {e}", s.name))?,
+            ),
+            None => None,
+        };
         let cpu_busy = match (cpu_before, cpu_jiffies()) {
             (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => {
                 ((b1 - b0) as f64 / (t1 - t0) as f64 * 100.0).round()
@@ -233,7 +323,7 @@ pub fn run(config: BenchConfig) -> Result<(), String> {
                     .sum::<u64>()
             })
             .unwrap_or(0);
-        rows.push(json!({
+        let mut row = json!({
             "scenario": s.name,
             "throughput": summary["throughput"],
             "little_bound": s.little,
@@ -245,7 +335,13 @@ pub fn run(config: BenchConfig) -> Result<(), String> {
             "requests": requests,
             "non_2xx": requests - ok,
             "cpu_busy_pct": cpu_busy,
-        }));
+        });
+        if let (Some(probe), Some(fields)) = (&probe, row.as_object_mut())
+            && let Value::Object(flood) = flood_fields(&summary, probe)
+        {
+            fields.extend(flood);
+        }
+        rows.push(row);
         drop(serve);
         drop(provider);
     }
@@ -284,6 +380,85 @@ fn print_table(rows: &[Value], duration: Duration) {
             r["peak_threads"],
             r["cpu_busy_pct"],
             r["non_2xx"]
+        );
+    }
+    let floods: Vec<&Value> = rows.iter().filter(|r| r.get("sheds").is_some()).collect();
+    if floods.is_empty() {
+        return;
+    }
+    let num = |v: &Value| v.as_f64().map_or_else(|| "—".into(), |n| n.to_string());
+    println!();
+    println!(
+        "| flood (same run as its row above) | 503 sheds | shed p50 ms | shed p99 ms | /healthz 200 / 503 / other | /healthz p50 ms | /healthz p99 ms | shed p99 / /healthz p99 |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for r in floods {
+        println!(
+            "| {} | {} | {} | {} | {} / {} / {} | {} | {} | {} |",
+            r["scenario"].as_str().unwrap_or(""),
+            r["sheds"],
+            num(&r["shed_p50_ms"]),
+            num(&r["shed_p99_ms"]),
+            r["healthz_200"],
+            r["healthz_503"],
+            r["healthz_other"],
+            num(&r["healthz_p50_ms"]),
+            num(&r["healthz_p99_ms"]),
+            num(&r["shed_to_healthz_p99"]),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_flood_row_compares_the_refusals_p99_with_healthz_p99() {
+        let flood = json!({
+            "requests": 1000,
+            "status": {"201": 40, "503": 960},
+            "latency_ms": {"p50": 1.5, "p99": 60.0},
+            "latency_by_status_ms": {
+                "201": {"p50": 100.0, "p99": 140.0},
+                "503": {"p50": 1.5, "p99": 96.0},
+            },
+        });
+        let probe = json!({
+            "requests": 500,
+            "status": {"200": 480, "503": 18, "error": 2},
+            "latency_ms": {"p50": 1.0, "p99": 6.0},
+        });
+        let f = flood_fields(&flood, &probe);
+        assert_eq!(f["sheds"], 960);
+        // The refusals' own latency, not the run's (which the payments pull up or down).
+        assert_eq!(f["shed_p50_ms"], 1.5);
+        assert_eq!(f["shed_p99_ms"], 96.0);
+        // /healthz: every answer counts, whatever its status.
+        assert_eq!(f["healthz_p99_ms"], 6.0);
+        assert_eq!(f["healthz_p50_ms"], 1.0);
+        assert_eq!(
+            (
+                &f["healthz_requests"],
+                &f["healthz_200"],
+                &f["healthz_503"],
+                &f["healthz_other"]
+            ),
+            (&json!(500), &json!(480), &json!(18), &json!(2))
+        );
+        assert_eq!(f["shed_to_healthz_p99"], 16.0);
+    }
+
+    #[test]
+    fn a_flood_without_refusals_or_healthz_answers_has_no_ratio() {
+        let flood = json!({"requests": 3, "status": {"201": 3},
+            "latency_by_status_ms": {"201": {"p50": 1.0, "p99": 2.0}}});
+        let probe = json!({"requests": 0, "status": {}, "latency_ms": {"p50": 0.0, "p99": 0.0}});
+        let f = flood_fields(&flood, &probe);
+        assert_eq!(f["sheds"], 0);
+        assert!(
+            f["shed_p99_ms"].is_null() && f["shed_to_healthz_p99"].is_null(),
+            "{f}"
         );
     }
 }

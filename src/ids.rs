@@ -15,8 +15,16 @@ pub fn request_id() -> String {
     format!("req_{:016x}", rand::random::<u64>())
 }
 
+/// 1..=max characters, each visible ASCII (0x21..=0x7E): what a request id or an
+/// idempotency key may be.
+pub fn is_visible_ascii(s: &str, max: usize) -> bool {
+    !s.is_empty() && s.len() <= max && s.bytes().all(|b| (0x21..=0x7e).contains(&b))
+}
+
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn ids_are_prefixed_and_distinct() {
         let a = super::payment_id();
@@ -24,5 +32,13 @@ mod tests {
         assert_ne!(a, super::payment_id());
         assert!(super::charge_id().starts_with("ch_"));
         assert!(super::request_id().starts_with("req_"));
+    }
+
+    #[test]
+    fn request_ids_must_be_visible_ascii() {
+        assert!(is_visible_ascii("abc-123", 128));
+        assert!(!is_visible_ascii("", 128));
+        assert!(!is_visible_ascii("has space", 128));
+        assert!(!is_visible_ascii(&"a".repeat(129), 128));
     }
 }

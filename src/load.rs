@@ -7,6 +7,7 @@
 //! coordinated omission).
 
 use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -128,27 +129,65 @@ fn parse_rate_per_second(s: &str) -> Result<f64, String> {
 
 /// What one sender saw.
 struct Tally {
-    latency_us: Histogram<u64>,
-    statuses: BTreeMap<String, u64>,
+    /// The latency of each answer, by its status ("201", "503", or "error" when no HTTP answer
+    /// came): a refusal and a payment take different paths through the server, and one
+    /// histogram of both would hide how long either takes. Their sum is the run's latency, and
+    /// each histogram's length is that status's count.
+    latency_us: BTreeMap<String, Histogram<u64>>,
     codes: BTreeMap<String, u64>,
     steps: BTreeMap<String, (f64, u64)>,
+}
+
+/// 1 µs .. 1 h, 3 significant digits.
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds")
 }
 
 impl Tally {
     fn new() -> Tally {
         Tally {
-            // 1 µs .. 1 h, 3 significant digits.
-            latency_us: Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds"),
-            statuses: BTreeMap::new(),
+            latency_us: BTreeMap::new(),
             codes: BTreeMap::new(),
             steps: BTreeMap::new(),
         }
     }
 
+    /// Counts one answer of `status` that took `latency`.
+    fn answered(&mut self, status: &str, latency: Duration) {
+        let _ = self
+            .latency_us
+            .entry(status.to_string())
+            .or_insert_with(histogram)
+            .record((latency.as_micros() as u64).clamp(1, 3_600_000_000));
+    }
+
+    /// How many answers of each status.
+    fn statuses(&self) -> BTreeMap<String, u64> {
+        self.latency_us
+            .iter()
+            .map(|(k, h)| (k.clone(), h.len()))
+            .collect()
+    }
+
+    /// Every answer's latency, whatever its status.
+    fn latency_all(&self) -> Histogram<u64> {
+        let mut all = histogram();
+        for h in self.latency_us.values() {
+            let _ = all.add(h);
+        }
+        all
+    }
+
     fn merge(&mut self, other: Tally) {
-        let _ = self.latency_us.add(&other.latency_us);
-        for (k, v) in other.statuses {
-            *self.statuses.entry(k).or_default() += v;
+        for (k, h) in other.latency_us {
+            match self.latency_us.entry(k) {
+                Entry::Vacant(e) => {
+                    e.insert(h);
+                }
+                Entry::Occupied(mut e) => {
+                    let _ = e.get_mut().add(&h);
+                }
+            }
         }
         for (k, v) in other.codes {
             *self.codes.entry(k).or_default() += v;
@@ -310,8 +349,9 @@ pub fn execute(config: &LoadConfig, show_progress: bool) -> Result<Value, LoadEr
         Some(end) => (end - start, plan.done_in_window.load(Ordering::Relaxed)),
         None => (start.elapsed(), plan.done.load(Ordering::Relaxed)),
     };
-    let transport_errors = total.statuses.get("error").copied().unwrap_or(0);
-    let requests: u64 = total.statuses.values().sum();
+    let statuses = total.statuses();
+    let transport_errors = statuses.get("error").copied().unwrap_or(0);
+    let requests: u64 = statuses.values().sum();
     if requests > 0 && transport_errors == requests {
         let causes: Vec<String> = total
             .codes
@@ -394,13 +434,10 @@ fn record(
     sent: Instant,
 ) {
     let latency = sent.elapsed();
-    let _ = tally
-        .latency_us
-        .record((latency.as_micros() as u64).clamp(1, 3_600_000_000));
     let mut response = match result {
         Ok(r) => r,
         Err(e) => {
-            *tally.statuses.entry("error".into()).or_default() += 1;
+            tally.answered("error", latency);
             *tally
                 .codes
                 .entry(format!("transport: {}", short_error(&e)))
@@ -409,23 +446,16 @@ fn record(
         }
     };
     let status = response.status().as_u16();
-    *tally.statuses.entry(status.to_string()).or_default() += 1;
+    tally.answered(&status.to_string(), latency);
     if let Some(timing) = response
         .headers()
         .get("Server-Timing")
         .and_then(|v| v.to_str().ok())
     {
-        for entry in timing.split(',') {
-            let mut parts = entry.trim().split(';');
-            let name = parts.next().unwrap_or("").to_string();
-            if let Some(dur) = parts
-                .find_map(|p| p.trim().strip_prefix("dur="))
-                .and_then(|d| d.parse::<f64>().ok())
-            {
-                let e = tally.steps.entry(name).or_default();
-                e.0 += dur;
-                e.1 += 1;
-            }
+        for entry in crate::server_timing::parse(timing) {
+            let e = tally.steps.entry(entry.name).or_default();
+            e.0 += entry.dur_ms;
+            e.1 += 1;
         }
     }
     let body = response.body_mut().read_to_string().unwrap_or_default();
@@ -473,10 +503,27 @@ fn progress_loop(plan: &Plan) {
     }
 }
 
-fn summarize(config: &LoadConfig, t: &Tally, elapsed: Duration, throughput: f64) -> Value {
-    let requests: u64 = t.statuses.values().sum();
+/// The percentiles of one histogram of µs, in ms.
+fn percentiles_ms(h: &Histogram<u64>) -> Value {
     let ms = |us: u64| us as f64 / 1000.0;
-    let h = &t.latency_us;
+    json!({
+        "p50": ms(h.value_at_quantile(0.5)),
+        "p90": ms(h.value_at_quantile(0.9)),
+        "p99": ms(h.value_at_quantile(0.99)),
+        "p99.9": ms(h.value_at_quantile(0.999)),
+        "max": ms(h.max()),
+        "mean": (h.mean() / 10.0).round() / 100.0,
+    })
+}
+
+fn summarize(config: &LoadConfig, t: &Tally, elapsed: Duration, throughput: f64) -> Value {
+    let statuses = t.statuses();
+    let requests: u64 = statuses.values().sum();
+    let by_status: BTreeMap<&str, Value> = t
+        .latency_us
+        .iter()
+        .map(|(k, h)| (k.as_str(), percentiles_ms(h)))
+        .collect();
     let steps: BTreeMap<&str, f64> = t
         .steps
         .iter()
@@ -508,16 +555,10 @@ fn summarize(config: &LoadConfig, t: &Tally, elapsed: Duration, throughput: f64)
         "requests": requests,
         "duration_s": (elapsed.as_secs_f64() * 1000.0).round() / 1000.0,
         "throughput": (throughput * 10.0).round() / 10.0,
-        "status": t.statuses,
+        "status": statuses,
         "codes": t.codes,
-        "latency_ms": {
-            "p50": ms(h.value_at_quantile(0.5)),
-            "p90": ms(h.value_at_quantile(0.9)),
-            "p99": ms(h.value_at_quantile(0.99)),
-            "p99.9": ms(h.value_at_quantile(0.999)),
-            "max": ms(h.max()),
-            "mean": (h.mean() / 10.0).round() / 100.0,
-        },
+        "latency_ms": percentiles_ms(&t.latency_all()),
+        "latency_by_status_ms": by_status,
         "server_timing_mean_ms": steps,
         "limits_hit": limits,
     })
@@ -556,6 +597,19 @@ fn print_table(s: &Value) {
         "latency ms  p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
         l["p50"], l["p90"], l["p99"], l["p99.9"], l["max"]
     );
+    // With more than one status, each one's own latency: a fast refusal and a slow payment
+    // mixed in one line say little about either.
+    if let Some(by_status) = s["latency_by_status_ms"]
+        .as_object()
+        .filter(|m| m.len() > 1)
+    {
+        for (status, l) in by_status {
+            println!(
+                "  {status:<9} p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
+                l["p50"], l["p90"], l["p99"], l["p99.9"], l["max"]
+            );
+        }
+    }
     if let Some(steps) = s["server_timing_mean_ms"]
         .as_object()
         .filter(|m| !m.is_empty())
@@ -600,6 +654,60 @@ mod tests {
         assert_eq!(first_key("sk_a"), Ok("sk_a".to_string()));
         assert_eq!(first_key(" sk_a , sk_b"), Ok("sk_a".to_string()));
         assert!(first_key(" , ").is_err());
+    }
+
+    #[test]
+    fn each_status_has_its_own_percentiles_and_together_they_make_the_runs() {
+        let config = LoadConfig {
+            url: "http://127.0.0.1:1".into(),
+            api_key: "sk".into(),
+            concurrency: 2,
+            duration: None,
+            requests: Some(300),
+            rate: None,
+            replay_fraction: 0.0,
+            path: "/payments".into(),
+            timeout: Duration::from_secs(1),
+            json: true,
+        };
+        // Two senders: one saw 100 refusals of 1 ms; the other 198 payments of 50 ms, two
+        // refusals of 90 ms and no answer once.
+        let mut a = Tally::new();
+        for _ in 0..100 {
+            a.answered("503", Duration::from_millis(1));
+        }
+        let mut b = Tally::new();
+        for _ in 0..198 {
+            b.answered("201", Duration::from_millis(50));
+        }
+        for _ in 0..2 {
+            b.answered("503", Duration::from_millis(90));
+        }
+        b.answered("error", Duration::from_millis(7));
+        a.merge(b);
+        let s = summarize(&config, &a, Duration::from_secs(1), 301.0);
+
+        assert_eq!(s["requests"], 301);
+        assert_eq!(s["status"], json!({"201": 198, "503": 102, "error": 1}));
+        let p = |status: &str, q: &str| s["latency_by_status_ms"][status][q].as_f64().unwrap();
+        // Within the histogram's 3 significant digits.
+        let near = |got: f64, want: f64| (got - want).abs() <= want / 500.0;
+        assert!(near(p("503", "p50"), 1.0), "{s}");
+        // 2 of 102 refusals are slow: more than 1 %, so the refusals' p99 is theirs.
+        assert!(near(p("503", "p99"), 90.0), "{s}");
+        assert!(near(p("503", "max"), 90.0), "{s}");
+        assert!(near(p("201", "p50"), 50.0), "{s}");
+        assert!(near(p("201", "p99"), 50.0), "{s}");
+        assert!(near(p("error", "p50"), 7.0), "{s}");
+        // The run's own percentiles mix all of them: the median is a payment.
+        let all = |q: &str| s["latency_ms"][q].as_f64().unwrap();
+        assert!(near(all("p50"), 50.0), "{s}");
+        assert!(near(all("p99"), 50.0), "{s}");
+        assert!(near(all("max"), 90.0), "{s}");
+        assert!(
+            near(all("mean"), (100.0 + 198.0 * 50.0 + 180.0 + 7.0) / 301.0),
+            "{s}"
+        );
     }
 
     #[test]

@@ -85,9 +85,9 @@ fn main() -> ExitCode {
 fn init_logging(format: LogFormat) {
     let mut builder = env_logger::Builder::new();
     builder.parse_filters("info,tiny_http=off");
-    if let Ok(filters) = std::env::var("RUST_LOG") {
-        builder.parse_filters(&filters);
-    }
+    // RUST_LOG's directives replace the defaults of the same name, and add the others;
+    // RUST_LOG_STYLE is read too.
+    builder.parse_env(env_logger::Env::default());
     if format == LogFormat::Json {
         builder.format(|buf, record| {
             let mut line = serde_json::json!({

@@ -8,8 +8,8 @@
 //! still appears on its first use.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Buckets in seconds, from 0.5 ms to 5 s: the interesting range of a payment and its steps.
@@ -124,18 +124,16 @@ impl Metrics {
             "Times the write token or a pooled connection was not had within the acquire slice.",
         ))?;
         registry.register(Box::new(acquire_timeouts.clone()))?;
-        let plain_histogram = |name: &str,
-                               help: &str,
-                               buckets: &[f64]|
-         -> Result<Histogram, prometheus::Error> {
-            let h = Histogram::with_opts(
-                HistogramOpts::new(name, help)
-                    .namespace("paytrace")
-                    .buckets(buckets.to_vec()),
-            )?;
-            registry.register(Box::new(h.clone()))?;
-            Ok(h)
-        };
+        let plain_histogram =
+            |name: &str, help: &str, buckets: &[f64]| -> Result<Histogram, prometheus::Error> {
+                let h = Histogram::with_opts(
+                    HistogramOpts::new(name, help)
+                        .namespace("paytrace")
+                        .buckets(buckets.to_vec()),
+                )?;
+                registry.register(Box::new(h.clone()))?;
+                Ok(h)
+            };
         let metrics = Metrics {
             db_batch_size: plain_histogram(
                 "db_batch_size",

@@ -54,7 +54,9 @@ pub fn run_serve(mut config: ServeConfig) -> Result<(), ServeError> {
         let metrics = metrics.clone();
         Arc::new(move |batch: BatchReport| {
             metrics.db_batch_size.observe(batch.size as f64);
-            metrics.db_commit_seconds.observe(batch.commit.as_secs_f64());
+            metrics
+                .db_commit_seconds
+                .observe(batch.commit.as_secs_f64());
             metrics.db_writer_queue.set(batch.queued as i64);
         })
     };

@@ -46,7 +46,8 @@ impl Unit {
     }
 }
 
-/// Whether hops are logged at all: callers that would build something only for the trace ask
+/// Whether hops are logged at all. `format_args!` evaluates its arguments before [`hop`] can
+/// look at the level, so a caller whose arguments cost something (a lock, an allocation) asks
 /// first.
 pub fn enabled() -> bool {
     log::log_enabled!(target: TARGET, log::Level::Debug)

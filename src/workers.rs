@@ -159,14 +159,19 @@ fn work<J>(name: &str, rx: &Receiver<J>, handler: &Handler<J>) {
     for job in rx.iter() {
         let waiting = rx.len();
         if let Err(panic) = panic::catch_unwind(AssertUnwindSafe(|| handler(job, waiting))) {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
+            let what = panic_message(panic.as_ref());
             log::error!("{name}: a job panicked ({what}); the worker takes the next one");
         }
     }
+}
+
+/// What a caught panic said, when it said it with a string.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
 }
 
 #[cfg(test)]

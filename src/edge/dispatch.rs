@@ -3,14 +3,16 @@
 //! ```text
 //! socket → front (limits, total read deadline) → tiny_http (parse) → dispatcher
 //!            └─ refuses malformed or slow requests        ──try_submit──▶ [bounded queue] ──▶ N workers
-//!                          full: 503 overloaded, written by the refuser ─┘      └─ handle(): route, observe
+//!            full: 503 overloaded; /healthz: 200 — both written by the answerer ─┘   └─ handle(): route, observe
 //! ```
 //!
 //! The queue and the workers are a [`WorkerPool`] (unit 03, `workers.rs`). The dispatcher only
 //! decides: it gives each request its identity (request id, received time), offers it to the
-//! pool, and hands a refused one to the refuser thread, which writes the 503, counts and logs
+//! pool, and hands a refused one to the answerer thread, which writes the 503, counts and logs
 //! it. Admission never waits for a refusal to be written, so a flood of refusals costs the
-//! requests that do get in nothing but the dispatcher's few microseconds per refusal.
+//! requests that do get in nothing but the dispatcher's few microseconds per refusal. Liveness
+//! (`/healthz`) goes the same way, never through the queue: a server whose workers are all
+//! busy is overloaded, not dead, and must not be restarted for it.
 //!
 //! The front (`front.rs`) owns the client sockets and hands tiny_http complete requests over a
 //! unix socket in a private directory; the prober (`liveness.rs`) checks that tiny_http still
@@ -33,14 +35,14 @@ use super::http;
 use super::liveness::Prober;
 use super::middleware::RequestInfo;
 use super::observe::{self, Observed};
-use super::routes::{self, Routed};
+use super::routes;
 use crate::app::App;
 use crate::deadline::Step;
 use crate::error::ApiError;
-use crate::flow::{Handled, Report};
+use crate::flow::Report;
 use crate::reply::Reply;
 use crate::trace::Unit;
-use crate::workers::{Rejected, WorkerPool};
+use crate::workers::{self, Rejected, WorkerPool};
 
 /// A request read off the socket, with its identity, waiting for a worker.
 struct Job {
@@ -48,13 +50,14 @@ struct Job {
     info: RequestInfo,
 }
 
-/// A request the pool would not take, on its way to the refuser.
-struct Refused {
+/// A request answered without a worker, on its way to the answerer: one the pool would not
+/// take, or a liveness probe.
+struct Direct {
     job: Job,
-    error: ApiError,
-    /// The `requests_shed_total{reason}` label.
-    reason: &'static str,
-    /// When the dispatcher refused it: the end of its `queue` time.
+    answer: Result<Reply, ApiError>,
+    /// Why it was refused (the `requests_shed_total{reason}` label), if it was.
+    shed: Option<&'static str>,
+    /// When the dispatcher decided: the end of its `queue` time.
     at: Instant,
 }
 
@@ -118,9 +121,10 @@ pub fn run(
     let (front, accept) = front::start(app.clone(), listener, socket.clone(), limits)
         .map_err(|e| format!("cannot start the accept loop: {e}"))?;
     let prober = Prober::start(socket)?;
-    // Every request in the process holds one of the front's connections, so a refusal channel
-    // that size never fills; if it somehow did, the dispatcher would write that refusal itself.
-    let (refusals, refuser) = start_refuser(app.clone(), max_connections.max(1))?;
+    // Every request in the process holds one of the front's connections, so an answerer
+    // channel that size never fills; if it somehow did, the dispatcher would write that answer
+    // itself.
+    let (direct, answerer) = start_answerer(app.clone(), max_connections.max(1))?;
 
     let pool = {
         let app = app.clone();
@@ -137,12 +141,12 @@ pub fn run(
         )?
     };
 
-    let result = dispatch(&app, &server, pool, &stop, &front, &prober, &refusals);
-    drop(refusals);
+    let result = dispatch(&app, &server, pool, &stop, &front, &prober, &direct);
+    drop(direct);
     front.close_listener();
     let _ = accept.join();
     prober.stop();
-    let _ = refuser.join();
+    let _ = answerer.join();
     result
 }
 
@@ -158,7 +162,7 @@ fn dispatch(
     stop: &AtomicBool,
     front: &Front,
     prober: &Prober,
-    refusals: &Sender<Refused>,
+    direct: &Sender<Direct>,
 ) -> Result<(), String> {
     let mut pool = Some(pool);
     // When the listener is to close (set at the signal), and when it did.
@@ -228,7 +232,7 @@ fn dispatch(
             Ok(Some(request)) if prober.is_probe(&request) => {
                 let _ = http::send(request, &Reply::text(204, "text/plain", ""));
             }
-            Ok(Some(request)) => admit(app, request, pool.as_ref(), refusals),
+            Ok(Some(request)) => admit(app, request, pool.as_ref(), direct),
             Ok(None) => {}
             Err(e) => {
                 return Err(format!(
@@ -239,8 +243,9 @@ fn dispatch(
     }
 }
 
-/// Gives the request its identity and offers it to the pool; a refusal goes to the refuser.
-fn admit(app: &App, request: Request, pool: Option<&WorkerPool<Job>>, refusals: &Sender<Refused>) {
+/// Gives the request its identity and offers it to the pool; a refusal, or a route that needs
+/// no worker, goes to the answerer.
+fn admit(app: &App, request: Request, pool: Option<&WorkerPool<Job>>, direct: &Sender<Direct>) {
     let received = http::header(&request, front::RECEIVED_HEADER)
         .and_then(front::received_at)
         .map_or_else(|| app.clock.now(), |t| t.min(app.clock.now()));
@@ -250,9 +255,13 @@ fn admit(app: &App, request: Request, pool: Option<&WorkerPool<Job>>, refusals: 
         "request-id",
         format_args!("{} {}", info.method, info.path),
     );
+    let immediate = routes::immediate(request.method(), &info.path);
     let job = Job { request, info };
+    if let Some(reply) = immediate {
+        return answer_directly(app, direct, job, Ok(reply), None);
+    }
     let Some(pool) = pool else {
-        return refuse(app, refusals, job, ApiError::ShuttingDown, "shutting_down");
+        return refuse(app, direct, job, ApiError::ShuttingDown, "shutting_down");
     };
     match pool.try_submit(job) {
         Ok(()) => {}
@@ -265,69 +274,85 @@ fn admit(app: &App, request: Request, pool: Option<&WorkerPool<Job>>, refusals: 
                 ),
                 retry_after_s: 1,
             };
-            refuse(app, refusals, job, error, "queue_full");
+            refuse(app, direct, job, error, "queue_full");
         }
         Err(Rejected::Closed(job)) => {
-            refuse(app, refusals, job, ApiError::ShuttingDown, "shutting_down");
+            refuse(app, direct, job, ApiError::ShuttingDown, "shutting_down");
         }
     }
     app.metrics.queue_depth.set(pool.queue_len() as i64);
 }
 
-/// Hands a refused request to the refuser; writes it here only if the refuser cannot take it.
-fn refuse(app: &App, refusals: &Sender<Refused>, job: Job, error: ApiError, reason: &'static str) {
+/// Refuses a request: the trace says where it stopped, the answerer writes the 503.
+fn refuse(app: &App, direct: &Sender<Direct>, job: Job, error: ApiError, reason: &'static str) {
     job.info.hop(
         Unit::Workers,
         "shed",
         format_args!("refused: {} {} ({reason})", error.status(), error.code()),
     );
-    let refused = Refused {
+    answer_directly(app, direct, job, Err(error), Some(reason));
+}
+
+/// Hands an answer that needs no worker to the answerer; writes it here only if the answerer
+/// cannot take it.
+fn answer_directly(
+    app: &App,
+    direct: &Sender<Direct>,
+    job: Job,
+    answer: Result<Reply, ApiError>,
+    shed: Option<&'static str>,
+) {
+    let d = Direct {
         job,
-        error,
-        reason,
+        answer,
+        shed,
         at: Instant::now(),
     };
-    match refusals.try_send(refused) {
+    match direct.try_send(d) {
         Ok(()) => {}
-        Err(TrySendError::Full(refused) | TrySendError::Disconnected(refused)) => {
-            write_refusal(app, refused)
-        }
+        Err(TrySendError::Full(d) | TrySendError::Disconnected(d)) => write_direct(app, d),
     }
 }
 
-/// The refuser: writes, counts and logs every refusal, off the dispatcher's thread.
-fn start_refuser(
+/// The answerer: writes, counts and logs every answer that needs no worker, off the
+/// dispatcher's thread.
+fn start_answerer(
     app: Arc<App>,
     capacity: usize,
-) -> Result<(Sender<Refused>, JoinHandle<()>), String> {
-    let (tx, rx) = channel::bounded::<Refused>(capacity);
+) -> Result<(Sender<Direct>, JoinHandle<()>), String> {
+    let (tx, rx) = channel::bounded::<Direct>(capacity);
     let thread = thread::Builder::new()
-        .name("refuser".into())
+        .name("answerer".into())
         .spawn(move || {
-            for refused in rx {
-                write_refusal(&app, refused);
+            for d in rx {
+                write_direct(&app, d);
             }
         })
-        .map_err(|e| format!("cannot start the refuser: {e}"))?;
+        .map_err(|e| format!("cannot start the answerer: {e}"))?;
     Ok((tx, thread))
 }
 
-/// 503 `overloaded` when the queue was full, 503 `shutting-down` once the pool took no more.
-fn write_refusal(app: &App, refused: Refused) {
-    let Refused {
+/// 503 `overloaded` when the queue was full, 503 `shutting-down` once the pool took no more,
+/// 200 for liveness.
+fn write_direct(app: &App, d: Direct) {
+    let Direct {
         job: Job { request, info },
-        error,
-        reason,
+        answer,
+        shed,
         at,
-    } = refused;
+    } = d;
+    // Counted among the requests the drain reports, like every answer written during it.
+    let _running = app
+        .inflight
+        .enter(&info.request_id, &info.method, &info.path);
     let mut report = Report {
-        shed: Some(reason),
+        shed,
         ..Report::default()
     };
     report
         .timings
         .add(Step::Queue, at.saturating_duration_since(info.received));
-    let reply = error.into_reply(&info.request_id);
+    let reply = answer.unwrap_or_else(|e| e.into_reply(&info.request_id));
     let status = reply.status;
     let seen = Observed {
         info: &info,
@@ -356,11 +381,13 @@ fn handle(app: &App, job: Job) {
     let _running = app
         .inflight
         .enter(&info.request_id, &info.method, &info.path);
-    let Routed {
-        handled: Handled { answer, mut report },
-        rate,
-    } = guarded(&info.request_id, || routes::route(app, &info, &mut request));
+    // Owned here, outside the panic boundary: what the handler recorded survives a panic.
+    let mut report = Report::default();
     report.timings.add(Step::Queue, queued);
+    let mut rate = None;
+    let answer = guarded(&info.request_id, || {
+        routes::route(app, &info, &mut request, &mut report, &mut rate)
+    });
     let reply = answer.unwrap_or_else(|e| e.into_reply(&info.request_id));
     let status = reply.status;
     let seen = Observed {
@@ -377,25 +404,15 @@ fn handle(app: &App, job: Job) {
 }
 
 /// Runs `f`; a panic becomes a 500, so the worker lives on.
-fn guarded(request_id: &str, f: impl FnOnce() -> Routed) -> Routed {
-    match panic::catch_unwind(AssertUnwindSafe(f)) {
-        Ok(routed) => routed,
-        Err(panic) => {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
-            log::error!("{request_id}: handler panicked: {what}");
-            Routed {
-                handled: Handled {
-                    answer: Err(ApiError::Internal(what)),
-                    report: Report::default(),
-                },
-                rate: None,
-            }
-        }
-    }
+fn guarded(
+    request_id: &str,
+    f: impl FnOnce() -> Result<Reply, ApiError>,
+) -> Result<Reply, ApiError> {
+    panic::catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let what = workers::panic_message(panic.as_ref());
+        log::error!("{request_id}: handler panicked: {what}");
+        Err(ApiError::Internal(what))
+    })
 }
 
 /// Logs each request still running when the drain deadline passed, and says so in the error
@@ -417,26 +434,25 @@ fn drain_overran(app: &App, front: &Front) -> String {
 mod tests {
     use super::*;
 
-    fn answered(status: u16) -> Routed {
-        Routed {
-            handled: Handled {
-                answer: Ok(Reply::text(status, "text/plain", "")),
-                report: Report::default(),
-            },
-            rate: None,
-        }
-    }
-
     #[test]
     fn a_panicking_handler_becomes_a_500_and_the_caller_continues() {
-        let routed = guarded("req_x", || panic!("boom"));
-        let reply = routed.handled.answer.unwrap_err().into_reply("req_x");
+        let mut recorded = Report::default();
+        let answer = guarded("req_x", || {
+            recorded.idempotency = Some("new");
+            panic!("boom")
+        });
+        let reply = answer.unwrap_err().into_reply("req_x");
         assert_eq!(reply.status, 500);
         let body: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
         assert_eq!(body["code"], "internal-error");
         assert_eq!(body["request_id"], "req_x");
+        assert_eq!(
+            recorded.idempotency,
+            Some("new"),
+            "what was recorded survives"
+        );
         // The same thread keeps working after the panic.
-        let again = guarded("req_y", || answered(200));
-        assert_eq!(again.handled.answer.unwrap().status, 200);
+        let again = guarded("req_y", || Ok(Reply::text(200, "text/plain", "")));
+        assert_eq!(again.unwrap().status, 200);
     }
 }

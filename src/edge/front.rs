@@ -409,24 +409,26 @@ fn forward(shared: &Shared, conn: &mut Conn, request: Incoming) {
         )
         .as_bytes(),
     );
-    trace::hop(
-        &request.request_id,
-        &Deadline::new(request.read_at, shared.app.config.request_timeout),
-        Unit::Accept,
-        "read",
-        Some(shared.limits.socket_timeout),
-        format_args!(
-            "{} {}: {} body bytes in {:.1} ms",
-            request.method,
-            request.target.chars().take(200).collect::<String>(),
-            request.body.len(),
-            request
-                .read_at
-                .duration_since(request.accepted)
-                .as_secs_f64()
-                * 1000.0
-        ),
-    );
+    if trace::enabled() {
+        trace::hop(
+            &request.request_id,
+            &Deadline::new(request.read_at, shared.app.config.request_timeout),
+            Unit::Accept,
+            "read",
+            Some(shared.limits.socket_timeout),
+            format_args!(
+                "{} {}: {} body bytes in {:.1} ms",
+                request.method,
+                request.target.chars().take(200).collect::<String>(),
+                request.body.len(),
+                request
+                    .read_at
+                    .duration_since(request.accepted)
+                    .as_secs_f64()
+                    * 1000.0
+            ),
+        );
+    }
     out.extend_from_slice(&request.body);
     let mut sent = 0;
     let relayed = UnixStream::connect(&shared.backend).and_then(|mut backend| {

@@ -14,7 +14,7 @@ use std::io::{self, Read, Write};
 use tiny_http::Request;
 
 use crate::error::ApiError;
-use crate::flow::validate::is_visible_ascii;
+use crate::ids::is_visible_ascii;
 use crate::reply::Reply;
 
 /// The bytes of `reply` on the wire, always with `Connection: close` (see the module docs).

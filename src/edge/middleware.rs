@@ -32,7 +32,8 @@ pub struct RequestInfo {
     pub path: String,
     /// When the front finished reading it off the socket: the budget starts here.
     pub received: Instant,
-    /// The budget it starts with (`--request-timeout`).
+    /// The budget it starts with (`--request-timeout`), from `received`. The chain may shorten
+    /// it (`Request-Timeout-Ms`); the handler gets that one, in [`Admitted`].
     pub deadline: Deadline,
 }
 

@@ -1,10 +1,11 @@
 //! The routes, in one table read top to bottom, and the adapters between tiny_http and the
 //! payment flow: each reads what its handler needs from the request (headers, body, query),
-//! calls the flow's plain functions, and returns what happened ([`Handled`]).
+//! calls the flow's plain functions, and returns their answer; what happened on the way is in
+//! the request's [`Report`].
 //!
 //! | method | path | behind the chain | handler |
 //! |---|---|---|---|
-//! | GET, HEAD | `/healthz` | no | liveness: 200 while the process runs |
+//! | GET, HEAD | `/healthz` | no, and no worker | liveness: 200 while the process runs, also when every worker is busy |
 //! | GET, HEAD | `/readyz` | no | readiness: 503 while draining or storage fails |
 //! | GET, HEAD | `/metrics` | no | Prometheus text |
 //! | POST | `/payments` | yes | [`crate::flow::payment::create`] |
@@ -19,7 +20,7 @@ use super::middleware::{self, RequestInfo};
 use super::ratelimit::Decision;
 use crate::app::App;
 use crate::error::ApiError;
-use crate::flow::{self, Call, Handled, Report, validate};
+use crate::flow::{self, Caller, Report, validate};
 use crate::reply::Reply;
 
 /// Which methods a route answers.
@@ -39,14 +40,20 @@ impl Methods {
     }
 }
 
+/// Reads a request for the flow and calls it: the caller, the request, the `{id}` of the path
+/// (empty when the template has none), and the report to record what happened in.
+type Adapter = fn(&App, &Caller, &mut Request, &str, &mut Report) -> Result<Reply, ApiError>;
+
 /// What answers a route.
 #[derive(Clone, Copy)]
 enum Handler {
-    /// Answered at once, without the middleware chain.
+    /// Answered by the dispatcher without a worker (see [`immediate`]): it needs nothing that
+    /// can wait, and must not wait for a worker itself.
+    Immediate(fn() -> Reply),
+    /// Answered at once by a worker, without the middleware chain.
     Open(fn(&App) -> Reply),
-    /// Behind the chain (auth → rate limit → deadline); the last argument is the `{id}` of the
-    /// path, empty when the template has none.
-    Protected(fn(&App, &Call, &mut Request, &str) -> Handled),
+    /// Behind the chain (auth → rate limit → deadline).
+    Protected(Adapter),
 }
 
 pub struct Route {
@@ -63,7 +70,7 @@ pub const ROUTES: &[Route] = &[
         methods: Methods::Read,
         template: "/healthz",
         label: "GET /healthz",
-        handler: Handler::Open(healthz),
+        handler: Handler::Immediate(healthz),
     },
     Route {
         methods: Methods::Read,
@@ -123,27 +130,28 @@ pub fn label_for(method: &str, path: &str) -> &'static str {
         .map_or(OTHER, |r| r.label)
 }
 
-/// A handler's answer, and the rate limiter's decision when the chain ran.
-pub struct Routed {
-    pub handled: Handled,
-    pub rate: Option<Decision>,
-}
-
-impl Routed {
-    fn error(e: ApiError, rate: Option<Decision>) -> Routed {
-        Routed {
-            handled: Handled {
-                answer: Err(e),
-                report: Report::default(),
-            },
-            rate,
+/// The answer of a route that needs no worker, if `method` and `path` name one: liveness must
+/// say the process runs even while every worker is busy and the queue is full.
+pub fn immediate(method: &Method, path: &str) -> Option<Reply> {
+    ROUTES.iter().find_map(|r| match r.handler {
+        Handler::Immediate(answer) if r.methods.accepts(method) && r.matches(path).is_some() => {
+            Some(answer())
         }
-    }
+        _ => None,
+    })
 }
 
 /// Finds the route, runs the chain in front of a protected one, and calls its handler. A path
-/// no route knows is 404; a known path with another method is 405 with `Allow`.
-pub fn route(app: &App, info: &RequestInfo, request: &mut Request) -> Routed {
+/// no route knows is 404; a known path with another method is 405 with `Allow`. What happened
+/// goes into `report`, and the rate limiter's decision, which the answer advertises, into
+/// `rate`.
+pub fn route(
+    app: &App,
+    info: &RequestInfo,
+    request: &mut Request,
+    report: &mut Report,
+    rate: &mut Option<Decision>,
+) -> Result<Reply, ApiError> {
     let path = http::split_target(request.url()).0.to_string();
     let method = request.method().clone();
     let mut read_allowed = false;
@@ -158,68 +166,76 @@ pub fn route(app: &App, info: &RequestInfo, request: &mut Request) -> Routed {
             continue;
         }
         return match r.handler {
-            Handler::Open(handler) => Routed {
-                handled: Handled {
-                    answer: Ok(handler(app)),
-                    report: Report::default(),
-                },
-                rate: None,
-            },
-            Handler::Protected(handler) => {
+            Handler::Immediate(answer) => Ok(answer()),
+            Handler::Open(handler) => Ok(handler(app)),
+            Handler::Protected(adapter) => {
                 let verdict = middleware::protect(app, info, request);
+                *rate = verdict.rate;
                 match verdict.admitted {
                     Ok(admitted) => {
-                        let call = Call {
+                        let caller = Caller {
                             request_id: &info.request_id,
                             scope: &admitted.principal.scope,
                             deadline: admitted.deadline,
                         };
                         let id = id.to_string();
-                        Routed {
-                            handled: handler(app, &call, request, &id),
-                            rate: verdict.rate,
-                        }
+                        adapter(app, &caller, request, &id, report)
                     }
-                    Err(e) => Routed::error(e, verdict.rate),
+                    Err(e) => {
+                        if matches!(e, ApiError::RateLimited { .. }) {
+                            report.shed = Some("rate_limited");
+                        }
+                        Err(e)
+                    }
                 }
             }
         };
     }
     let allow = match (read_allowed, post_allowed) {
-        (false, false) => return Routed::error(ApiError::NotFound, None),
+        (false, false) => return Err(ApiError::NotFound),
         (true, false) => "GET, HEAD",
         (false, true) => "POST",
         (true, true) => "GET, POST",
     };
-    Routed::error(ApiError::MethodNotAllowed { allow }, None)
+    Err(ApiError::MethodNotAllowed { allow })
 }
 
 /// Reads the key, the media type and the body, in that order, then runs the flow.
-fn create_payment(app: &App, call: &Call, request: &mut Request, _: &str) -> Handled {
-    let read =
-        validate::idempotency_key(http::header(request, "Idempotency-Key")).and_then(|key| {
-            http::require_json(request)?;
-            Ok((key, http::read_body(request, app.config.max_body)?))
-        });
-    match read {
-        Ok((key, body)) => flow::payment::create(app, call, &key, &body),
-        Err(e) => Handled {
-            answer: Err(e),
-            report: Report::default(),
-        },
-    }
+fn create_payment(
+    app: &App,
+    caller: &Caller,
+    request: &mut Request,
+    _: &str,
+    report: &mut Report,
+) -> Result<Reply, ApiError> {
+    let key = validate::idempotency_key(http::header(request, "Idempotency-Key"))?;
+    http::require_json(request)?;
+    let body = http::read_body(request, app.config.max_body)?;
+    flow::payment::create(app, caller, &key, &body, report)
 }
 
-fn list_payments(app: &App, call: &Call, request: &mut Request, _: &str) -> Handled {
+fn list_payments(
+    app: &App,
+    caller: &Caller,
+    request: &mut Request,
+    _: &str,
+    report: &mut Report,
+) -> Result<Reply, ApiError> {
     let query = http::query_pairs(http::split_target(request.url()).1);
-    flow::read::list(app, call, &query)
+    flow::read::list(app, caller, &query, report)
 }
 
-fn get_payment(app: &App, call: &Call, _: &mut Request, id: &str) -> Handled {
-    flow::read::get(app, call, id)
+fn get_payment(
+    app: &App,
+    caller: &Caller,
+    _: &mut Request,
+    id: &str,
+    report: &mut Report,
+) -> Result<Reply, ApiError> {
+    flow::read::get(app, caller, id, report)
 }
 
-fn healthz(_: &App) -> Reply {
+fn healthz() -> Reply {
     Reply::json(200, &json!({"status": "ok"}))
 }
 

@@ -1,7 +1,7 @@
 //! The payment flow, without an HTTP server: plain functions over plain inputs (the parsed
-//! payment, the caller's scope, the key, the deadline) returning plain results. The tiny_http
-//! adapter (`edge::routes`) reads a request and calls them; another server could call the same
-//! steps.
+//! payment, the caller's scope, the key, the deadline) returning plain results — the answer, and
+//! in the request's [`Report`] what happened on the way. The tiny_http adapter (`edge::routes`)
+//! reads a request and calls them; another server could call the same steps.
 //!
 //! - [`validate`]: the body and the key, checked before anything is borrowed.
 //! - [`payment::create`]: claim → charge → settle → persist → answer, each step with its slice.
@@ -20,7 +20,6 @@ use std::time::{Duration, Instant};
 use crate::app::App;
 use crate::deadline::{Deadline, Exhausted, Op, Step};
 use crate::error::ApiError;
-use crate::reply::Reply;
 use rusqlite::Transaction;
 
 use crate::store::db::{Conn, DbError, Payment};
@@ -28,11 +27,13 @@ use crate::trace::{self, Unit};
 
 /// Who is asking, and by when: what every step is handed.
 #[derive(Clone, Copy, Debug)]
-pub struct Call<'a> {
+pub struct Caller<'a> {
     /// For logs and problem bodies.
     pub request_id: &'a str,
     /// The caller's scope (from its API key): payments and keys belong to it.
     pub scope: &'a str,
+    /// The request's budget as the middleware left it (shortened by `Request-Timeout-Ms` if
+    /// the client asked), started when the request was read off the socket.
     pub deadline: Deadline,
 }
 
@@ -50,7 +51,9 @@ impl Timings {
     }
 }
 
-/// What a handler reports besides its answer, for the observation layer to log and count.
+/// What happened to one request besides its answer, for the observation layer to log and
+/// count. The worker owns one per request and lends it to the handler, so that what was
+/// recorded survives even a panic; nothing else reads or writes it.
 #[derive(Clone, Debug, Default)]
 pub struct Report {
     pub timings: Timings,
@@ -62,17 +65,11 @@ pub struct Report {
     pub shed: Option<&'static str>,
 }
 
-/// A handler's answer and its report.
-#[derive(Debug)]
-pub struct Handled {
-    pub answer: Result<Reply, ApiError>,
-    pub report: Report,
-}
-
-/// The slice of `call`'s deadline that `op` may take, starting now; a step that cannot get a
+/// The slice of `caller`'s deadline that `op` may take, starting now; a step that cannot get a
 /// useful one does not start (and the trace says where the request stopped).
-fn slice(app: &App, call: &Call, op: Op) -> Result<Duration, ApiError> {
-    call.deadline
+fn slice(app: &App, caller: &Caller, op: Op) -> Result<Duration, ApiError> {
+    caller
+        .deadline
         .slice(app.clock.now(), &app.timeouts, op)
         .map_err(|Exhausted { step }| {
             let unit = match op {
@@ -81,8 +78,8 @@ fn slice(app: &App, call: &Call, op: Op) -> Result<Duration, ApiError> {
                 Op::ProviderCall => Unit::Breaker,
             };
             trace::hop(
-                call.request_id,
-                &call.deadline,
+                caller.request_id,
+                &caller.deadline,
                 unit,
                 step.name(),
                 None,
@@ -97,20 +94,24 @@ fn slice(app: &App, call: &Call, op: Op) -> Result<Duration, ApiError> {
 
 /// Borrows a connection to read with from the pool (unit 04) within the slice `op` may take. A
 /// timeout is 503 `overloaded`: nothing was done, the client may retry.
-fn borrow(app: &App, call: &Call, op: Op, report: &mut Report) -> Result<Conn, ApiError> {
-    let timeout = slice(app, call, op)?;
+fn borrow(app: &App, caller: &Caller, op: Op, report: &mut Report) -> Result<Conn, ApiError> {
+    let timeout = slice(app, caller, op)?;
     let t = Instant::now();
     let taken = app.db.acquire(timeout);
     report.timings.add(Step::Acquire, t.elapsed());
     trace::hop(
-        call.request_id,
-        &call.deadline,
+        caller.request_id,
+        &caller.deadline,
         Unit::Pool,
         "acquire",
         Some(timeout),
         format_args!(
             "{} in {:.1} ms",
-            if taken.is_ok() { "borrowed" } else { "timed out" },
+            if taken.is_ok() {
+                "borrowed"
+            } else {
+                "timed out"
+            },
             t.elapsed().as_secs_f64() * 1000.0
         ),
     );
@@ -122,24 +123,24 @@ fn borrow(app: &App, call: &Call, op: Op, report: &mut Report) -> Result<Conn, A
 
 /// Hands `work` to the writer (unit 04): it must be taken within `ops.0`'s slice (the
 /// `acquire` step: the wait for the writer) and is then waited for within `ops.1`'s (the
-/// write itself, counted under `step`). A write the writer did not take in time was not done:
-/// 503 `overloaded`, like a saturated pool.
+/// write and its commit, counted under that operation's step). A write the writer did not take
+/// in time was not done: 503 `overloaded`, like a saturated pool.
 fn write<T: Send + 'static>(
     app: &App,
-    call: &Call,
+    caller: &Caller,
     ops: (Op, Op),
     report: &mut Report,
     work: impl FnOnce(&Transaction) -> rusqlite::Result<T> + Send + 'static,
 ) -> Result<Result<T, DbError>, ApiError> {
-    let acquire = slice(app, call, ops.0)?;
-    let wait = slice(app, call, ops.1)?;
+    let acquire = slice(app, caller, ops.0)?;
+    let wait = slice(app, caller, ops.1)?;
     let written = app.db.write(acquire, wait, work);
     report.timings.add(Step::Acquire, written.waited);
     report.timings.add(ops.1.step(), written.ran);
     let taken = !matches!(written.result, Err(DbError::AcquireTimeout));
     trace::hop(
-        call.request_id,
-        &call.deadline,
+        caller.request_id,
+        &caller.deadline,
         Unit::Pool,
         "acquire",
         Some(acquire),

@@ -38,6 +38,7 @@ pub fn settle(
     outcome: Option<ChargeOutcome>,
     resumed: bool,
     request_id: &str,
+    now: SystemTime,
 ) -> Settled {
     // A payment whose charge may already exist from an earlier attempt stays pending until the
     // provider says otherwise: "failed" is only for a charge that was certainly never made. A
@@ -48,7 +49,7 @@ pub fn settle(
     } else {
         PaymentStatus::Failed
     };
-    payment.updated_at = db::timestamp(SystemTime::now());
+    payment.updated_at = db::timestamp(now);
     match outcome {
         Some(ChargeOutcome::Charged { charge_id }) => {
             payment.status = PaymentStatus::Succeeded;
@@ -213,10 +214,10 @@ mod tests {
             }),
         ] {
             let mut fresh = processing();
-            let _ = settle(&mut fresh, outcome.clone(), false, "r");
+            let _ = settle(&mut fresh, outcome.clone(), false, "r", SystemTime::now());
             assert_eq!(fresh.status, PaymentStatus::Failed, "{outcome:?}");
             let mut resumed = processing();
-            let _ = settle(&mut resumed, outcome.clone(), true, "r");
+            let _ = settle(&mut resumed, outcome.clone(), true, "r", SystemTime::now());
             assert_eq!(resumed.status, PaymentStatus::Pending, "{outcome:?}");
         }
     }

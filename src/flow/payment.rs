@@ -4,7 +4,7 @@
 
 use std::time::{Instant, SystemTime};
 
-use super::{Call, Handled, Report, db_error, outcome, slice, validate, write};
+use super::{Caller, Report, db_error, outcome, slice, validate, write};
 use crate::app::App;
 use crate::deadline::{Op, Step};
 use crate::error::ApiError;
@@ -14,16 +14,10 @@ use crate::store::db::Payment;
 use crate::store::idempotency::{self, Attempt, NewPayment, NextAction, Persisted, StoredResponse};
 use crate::trace::{self, Unit};
 
-/// Creates the payment `body` describes, once per `key`, for `call`'s scope.
-pub fn create(app: &App, call: &Call, key: &str, body: &[u8]) -> Handled {
-    let mut report = Report::default();
-    let answer = steps(app, call, key, body, &mut report);
-    Handled { answer, report }
-}
-
-fn steps(
+/// Creates the payment `body` describes, once per `key`, for `caller`'s scope.
+pub fn create(
     app: &App,
-    call: &Call,
+    caller: &Caller,
     key: &str,
     body: &[u8],
     report: &mut Report,
@@ -33,13 +27,13 @@ fn steps(
     // shared by two attempts would let one finish (or release) the other's key.
     let token = idempotency::new_lock_token();
     let attempt = Attempt {
-        scope: call.scope,
+        scope: caller.scope,
         key,
         token: &token,
     };
 
     // 1. Claim: borrow a connection, decide in one short transaction, give it back.
-    let (mut payment, resumed) = match claim(app, call, attempt, &input, report)? {
+    let (mut payment, resumed) = match claim(app, caller, attempt, &input, report)? {
         NextAction::Replay(stored) => return Ok(outcome::replay(stored)),
         NextAction::InUse => return Err(ApiError::KeyInUse),
         NextAction::Reused => return Err(ApiError::KeyReused),
@@ -47,18 +41,24 @@ fn steps(
     };
 
     // 2. Charge: no connection is held; the payment id is the provider's idempotency key.
-    let charged = charge(app, call, &payment, report);
+    let charged = charge(app, caller, &payment, report);
     if matches!(charged, Some(ChargeOutcome::Rejected { .. })) {
         report.shed = Some("breaker_open");
     }
 
     // 3. Settle: what the provider's answer means for the payment and for the client.
-    let settled = outcome::settle(&mut payment, charged, resumed, call.request_id);
+    let settled = outcome::settle(
+        &mut payment,
+        charged,
+        resumed,
+        caller.request_id,
+        SystemTime::now(),
+    );
 
     // 4. Persist: the final status, and the answer to replay when the outcome is final.
     persist(
         app,
-        call,
+        caller,
         attempt,
         &payment,
         settled.stored.as_ref(),
@@ -72,24 +72,30 @@ fn steps(
 /// Step 1: hands the claim to the writer, and lets the idempotency table decide.
 fn claim(
     app: &App,
-    call: &Call,
+    caller: &Caller,
     attempt: Attempt,
     input: &NewPayment,
     report: &mut Report,
 ) -> Result<NextAction, ApiError> {
     let fingerprint = idempotency::fingerprint("POST", "/payments", input);
     let (owned, input, lock_ttl) = (OwnedAttempt::from(attempt), input.clone(), app.lock_ttl);
-    let decided = write(app, call, (Op::ClaimAcquire, Op::ClaimWrite), report, move |tx| {
-        idempotency::claim(
-            tx,
-            owned.as_attempt(),
-            &fingerprint,
-            &input,
-            SystemTime::now(),
-            lock_ttl,
-        )
-    })?;
-    let action = decided.map_err(|e| db_error(e, Step::Claim, None, call.request_id))?;
+    let decided = write(
+        app,
+        caller,
+        (Op::ClaimAcquire, Op::ClaimWrite),
+        report,
+        move |tx| {
+            idempotency::claim(
+                tx,
+                owned.as_attempt(),
+                &fingerprint,
+                &input,
+                SystemTime::now(),
+                lock_ttl,
+            )
+        },
+    )?;
+    let action = decided.map_err(|e| db_error(e, Step::Claim, None, caller.request_id))?;
     let decision = match &action {
         NextAction::Replay(_) => "replayed",
         NextAction::InUse => "in-use",
@@ -99,8 +105,8 @@ fn claim(
     };
     report.idempotency = Some(decision);
     trace::hop(
-        call.request_id,
-        &call.deadline,
+        caller.request_id,
+        &caller.deadline,
         Unit::Idempotency,
         "claim",
         None,
@@ -139,8 +145,13 @@ impl OwnedAttempt {
 
 /// Step 2: the provider call behind the breaker, within its slice; `None` when the budget left
 /// no useful slice, so nothing was sent.
-fn charge(app: &App, call: &Call, payment: &Payment, report: &mut Report) -> Option<ChargeOutcome> {
-    let timeout = slice(app, call, Op::ProviderCall).ok()?;
+fn charge(
+    app: &App,
+    caller: &Caller,
+    payment: &Payment,
+    report: &mut Report,
+) -> Option<ChargeOutcome> {
+    let timeout = slice(app, caller, Op::ProviderCall).ok()?;
     report.provider_slice = Some(timeout);
     let t = Instant::now();
     let charged = app.provider.charge(
@@ -154,8 +165,8 @@ fn charge(app: &App, call: &Call, payment: &Payment, report: &mut Report) -> Opt
     );
     report.timings.add(Step::Provider, t.elapsed());
     trace::hop(
-        call.request_id,
-        &call.deadline,
+        caller.request_id,
+        &caller.deadline,
         Unit::Breaker,
         "call",
         Some(timeout),
@@ -172,26 +183,36 @@ fn charge(app: &App, call: &Call, payment: &Payment, report: &mut Report) -> Opt
 /// have a floor no earlier overrun can take (see `deadline.rs`): the charge may have been sent.
 fn persist(
     app: &App,
-    call: &Call,
+    caller: &Caller,
     attempt: Attempt,
     payment: &Payment,
     stored: Option<&StoredResponse>,
     report: &mut Report,
 ) -> Result<(), ApiError> {
-    let (owned, record, stored) = (OwnedAttempt::from(attempt), payment.clone(), stored.cloned());
-    let persisted = write(app, call, (Op::PersistAcquire, Op::PersistWrite), report, move |tx| {
-        idempotency::persist(
-            tx,
-            owned.as_attempt(),
-            &record,
-            stored.as_ref(),
-            SystemTime::now(),
-        )
-    })
+    let (owned, record, stored) = (
+        OwnedAttempt::from(attempt),
+        payment.clone(),
+        stored.cloned(),
+    );
+    let persisted = write(
+        app,
+        caller,
+        (Op::PersistAcquire, Op::PersistWrite),
+        report,
+        move |tx| {
+            idempotency::persist(
+                tx,
+                owned.as_attempt(),
+                &record,
+                stored.as_ref(),
+                SystemTime::now(),
+            )
+        },
+    )
     .and_then(|written| {
         trace::hop(
-            call.request_id,
-            &call.deadline,
+            caller.request_id,
+            &caller.deadline,
             Unit::Idempotency,
             "persist",
             None,
@@ -205,7 +226,7 @@ fn persist(
                 }
             ),
         );
-        written.map_err(|e| db_error(e, Step::Persist, Some(payment), call.request_id))
+        written.map_err(|e| db_error(e, Step::Persist, Some(payment), caller.request_id))
     });
     match persisted {
         Ok(Persisted::Recorded) => {
@@ -220,14 +241,14 @@ fn persist(
             // written is not written, and the key's current state is the answer a retry gets.
             log::warn!(
                 "{}: lost the lock on {} before recording it; a retry gets the recorded outcome",
-                call.request_id,
+                caller.request_id,
                 payment.id
             );
             Err(ApiError::KeyInUse)
         }
         // The outcome could not be recorded: the key stays locked until its lock goes stale,
         // and a retry then resumes the same payment (the provider deduplicates the charge).
-        Err(e) => Err(unrecorded(e, payment, call.request_id)),
+        Err(e) => Err(unrecorded(e, payment, caller.request_id)),
     }
 }
 

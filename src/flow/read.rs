@@ -3,7 +3,7 @@
 
 use serde_json::json;
 
-use super::{Call, Handled, Report, borrow};
+use super::{Caller, Report, borrow};
 use crate::app::App;
 use crate::deadline::Op;
 use crate::error::{ApiError, FieldError};
@@ -11,27 +11,19 @@ use crate::reply::Reply;
 use crate::store::db::{self, DbError};
 
 /// `GET /payments/{id}`.
-pub fn get(app: &App, call: &Call, id: &str) -> Handled {
-    let mut report = Report::default();
-    let answer = borrow(app, call, Op::ClaimAcquire, &mut report)
-    .and_then(|conn| match db::get_payment(&conn, call.scope, id) {
+pub fn get(app: &App, caller: &Caller, id: &str, report: &mut Report) -> Result<Reply, ApiError> {
+    let conn = borrow(app, caller, Op::ClaimAcquire, report)?;
+    match db::get_payment(&conn, caller.scope, id) {
         Ok(Some(p)) => Ok(Reply::json(200, &p)),
         Ok(None) => Err(ApiError::NotFound),
         Err(e) => Err(read_error(e)),
-    });
-    Handled { answer, report }
+    }
 }
 
 /// `GET /payments?limit=&starting_after=`, newest first; `query` is the decoded pairs.
-pub fn list(app: &App, call: &Call, query: &[(String, String)]) -> Handled {
-    let mut report = Report::default();
-    let answer = list_page(app, call, query, &mut report);
-    Handled { answer, report }
-}
-
-fn list_page(
+pub fn list(
     app: &App,
-    call: &Call,
+    caller: &Caller,
     query: &[(String, String)],
     report: &mut Report,
 ) -> Result<Reply, ApiError> {
@@ -57,8 +49,8 @@ fn list_page(
             errors,
         });
     }
-    let conn = borrow(app, call, Op::ClaimAcquire, report)?;
-    match db::list_payments(&conn, call.scope, limit, starting_after) {
+    let conn = borrow(app, caller, Op::ClaimAcquire, report)?;
+    match db::list_payments(&conn, caller.scope, limit, starting_after) {
         Ok(Some((data, has_more))) => Ok(Reply::json(
             200,
             &json!({"object": "list", "data": data, "has_more": has_more}),

@@ -111,7 +111,7 @@ fn settle_one(app: &App, u: &Unsettled, stale: i64) -> bool {
         ) => {
             // The same mapping the handler uses: the stored answer a retry replays is the one
             // the request would have got.
-            outcome::settle(&mut payment, Some(charged), true, "reconciler").stored
+            outcome::settle(&mut payment, Some(charged), true, "reconciler", now).stored
         }
         LookupAnswer::Final(other) => {
             log::warn!(
@@ -139,9 +139,11 @@ fn settle_one(app: &App, u: &Unsettled, stale: i64) -> bool {
     let (owned, record) = (u.clone(), payment.clone());
     let written = app
         .db
-        .write(Duration::from_secs(1), app.config.write_timeout, move |tx| {
-            idempotency::settle(tx, &owned, &record, stored.as_ref(), stale, now)
-        })
+        .write(
+            Duration::from_secs(1),
+            app.config.write_timeout,
+            move |tx| idempotency::settle(tx, &owned, &record, stored.as_ref(), stale, now),
+        )
         .result;
     match written {
         Ok(true) => {
@@ -173,9 +175,11 @@ fn sweep(app: &App) {
     let cutoff = db::unix_ms(SystemTime::now()) - app.config.idempotency_ttl.as_millis() as i64;
     let swept = app
         .db
-        .write(Duration::from_secs(1), app.config.write_timeout, move |tx| {
-            idempotency::sweep(tx, cutoff)
-        })
+        .write(
+            Duration::from_secs(1),
+            app.config.write_timeout,
+            move |tx| idempotency::sweep(tx, cutoff),
+        )
         .result;
     match swept {
         Ok(0) => {}

@@ -4,6 +4,7 @@
 use serde_json::{Map, Value};
 
 use crate::error::{ApiError, FieldError};
+use crate::ids::is_visible_ascii;
 use crate::store::idempotency::NewPayment;
 
 const MAX_AMOUNT: i64 = 99_999_999;
@@ -42,11 +43,6 @@ fn unescape_sf_string(inner: &str) -> Option<String> {
         }
     }
     Some(out)
-}
-
-/// 1..=max characters, each visible ASCII (0x21..=0x7E).
-pub fn is_visible_ascii(s: &str, max: usize) -> bool {
-    !s.is_empty() && s.len() <= max && s.bytes().all(|b| (0x21..=0x7e).contains(&b))
 }
 
 /// The members of a JSON object, and the names that occur more than once. serde_json's own
@@ -344,13 +340,5 @@ mod tests {
         assert_eq!(unescape_sf_string(r#"a\"b\\c"#).as_deref(), Some("a\"b\\c"));
         assert_eq!(unescape_sf_string(r#"a\nb"#), None);
         assert_eq!(unescape_sf_string(r#"a"b"#), None);
-    }
-
-    #[test]
-    fn request_ids_must_be_visible_ascii() {
-        assert!(is_visible_ascii("abc-123", 128));
-        assert!(!is_visible_ascii("", 128));
-        assert!(!is_visible_ascii("has space", 128));
-        assert!(!is_visible_ascii(&"a".repeat(129), 128));
     }
 }

@@ -9,7 +9,8 @@
 //! 2. After `--shutdown-delay`, **the listener closes**: new connections are refused. Every
 //!    connection accepted before is served, even if its request arrives after the close (it
 //!    has one more second to send it).
-//! 3. **The queue drains and the workers finish** their in-flight requests normally (every
+//! 3. **The queue drains and the workers finish** their in-flight requests normally (the
+//!    answerer thread, which writes refusals and liveness answers, finishes with them; every
 //!    response carries `Connection: close`); then they are joined. If that takes longer than
 //!    `--drain-timeout`, the unfinished requests are logged and the process exits 1 — their
 //!    payments are recovered like after a crash, by idempotency and the reconciler.

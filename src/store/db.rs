@@ -222,6 +222,11 @@ impl Db {
         self.writer.queued()
     }
 
+    /// Whether the writer is running a batch right now.
+    pub fn writer_running(&self) -> bool {
+        self.writer.running()
+    }
+
     /// Lets the writer commit what is queued and stops it (shutdown, before the checkpoint).
     pub fn stop_writer(&self) {
         self.writer.stop();
@@ -579,21 +584,36 @@ mod tests {
     }
 
     fn meta_insert(key: String) -> impl FnOnce(&Transaction) -> rusqlite::Result<usize> {
-        move |tx| tx.execute("INSERT INTO meta (key, value) VALUES (?1, 'v')", params![key])
+        move |tx| {
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES (?1, 'v')",
+                params![key],
+            )
+        }
     }
 
     #[test]
     fn a_write_the_writer_did_not_take_within_its_acquire_slice_is_withdrawn_and_never_runs() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("w.db");
-        let db = Db::open(&path, 2, SyncMode::Normal, Duration::from_secs(5), no_observer())
-            .unwrap();
+        let db = Db::open(
+            &path,
+            2,
+            SyncMode::Normal,
+            Duration::from_secs(5),
+            no_observer(),
+        )
+        .unwrap();
         let lock = hold_write_lock(&path);
         // The writer takes this one and waits in BEGIN for the lock.
         let first = {
             let db = db.clone();
             std::thread::spawn(move || {
-                db.write(Duration::from_secs(5), Duration::from_secs(5), meta_insert("first".into()))
+                db.write(
+                    Duration::from_secs(5),
+                    Duration::from_secs(5),
+                    meta_insert("first".into()),
+                )
             })
         };
         eventually_queue_empty(&db);
@@ -603,14 +623,26 @@ mod tests {
             Duration::from_secs(5),
             meta_insert("second".into()),
         );
-        assert!(matches!(second.result, Err(DbError::AcquireTimeout)), "{second:?}");
+        assert!(
+            matches!(second.result, Err(DbError::AcquireTimeout)),
+            "{second:?}"
+        );
         assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
         // A reader is not held up by a writer waiting for the lock.
         assert!(db.acquire(Duration::from_millis(500)).is_ok());
         drop(lock);
         assert_eq!(first.join().unwrap().result.unwrap(), 1);
         // The withdrawn write never ran, and the writer goes on.
-        assert_eq!(db.write(Duration::from_secs(1), Duration::from_secs(1), meta_insert("third".into())).result.unwrap(), 1);
+        assert_eq!(
+            db.write(
+                Duration::from_secs(1),
+                Duration::from_secs(1),
+                meta_insert("third".into())
+            )
+            .result
+            .unwrap(),
+            1
+        );
         let c = db.acquire(Duration::from_secs(1)).unwrap();
         let keys: Vec<String> = c
             .prepare("SELECT key FROM meta WHERE value = 'v' ORDER BY key")
@@ -622,11 +654,14 @@ mod tests {
         assert_eq!(keys, ["first", "third"]);
     }
 
-    /// Waits (≤ 5 s) until the writer has taken everything queued.
+    /// Waits (≤ 5 s) until the writer runs a batch and has taken everything queued.
     fn eventually_queue_empty(db: &Db) {
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while db.writer_queue() > 0 {
-            assert!(std::time::Instant::now() < deadline, "the writer took nothing");
+        while !db.writer_running() || db.writer_queue() > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the writer took nothing"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
     }
@@ -646,7 +681,11 @@ mod tests {
         let blocker = {
             let db = db.clone();
             std::thread::spawn(move || {
-                db.write(Duration::from_secs(5), Duration::from_secs(5), meta_insert("blocker".into()))
+                db.write(
+                    Duration::from_secs(5),
+                    Duration::from_secs(5),
+                    meta_insert("blocker".into()),
+                )
             })
         };
         eventually_queue_empty(&db);
@@ -654,9 +693,17 @@ mod tests {
             .map(|i| {
                 let db = db.clone();
                 // Number 4 repeats the key of number 3: a constraint violation of its own.
-                let key = if i == 4 { "k3".to_string() } else { format!("k{i}") };
+                let key = if i == 4 {
+                    "k3".to_string()
+                } else {
+                    format!("k{i}")
+                };
                 std::thread::spawn(move || {
-                    db.write(Duration::from_secs(5), Duration::from_secs(5), meta_insert(key))
+                    db.write(
+                        Duration::from_secs(5),
+                        Duration::from_secs(5),
+                        meta_insert(key),
+                    )
                 })
             })
             .collect();
@@ -667,7 +714,10 @@ mod tests {
         }
         drop(lock);
         assert!(blocker.join().unwrap().result.is_ok());
-        let results: Vec<_> = writes.into_iter().map(|w| w.join().unwrap().result).collect();
+        let results: Vec<_> = writes
+            .into_iter()
+            .map(|w| w.join().unwrap().result)
+            .collect();
         for (i, r) in results.iter().enumerate() {
             match (i, r) {
                 (4, Err(DbError::Sqlite(e))) => assert!(e.to_string().contains("UNIQUE"), "{e}"),
@@ -678,12 +728,18 @@ mod tests {
         }
         let c = db.acquire(Duration::from_secs(1)).unwrap();
         let n: i64 = c
-            .query_row("SELECT count(*) FROM meta WHERE key LIKE 'k%'", [], |r| r.get(0))
+            .query_row("SELECT count(*) FROM meta WHERE key LIKE 'k%'", [], |r| {
+                r.get(0)
+            })
             .unwrap();
         assert_eq!(n, 9, "every write but the failing one committed");
         let sizes = sizes.lock().unwrap().clone();
         assert_eq!(sizes.first(), Some(&1), "{sizes:?}");
-        assert_eq!(sizes.get(1), Some(&10), "the ten queued writes were one batch: {sizes:?}");
+        assert_eq!(
+            sizes.get(1),
+            Some(&10),
+            "the ten queued writes were one batch: {sizes:?}"
+        );
     }
 
     #[test]

@@ -86,6 +86,8 @@ pub struct Written<T> {
 pub struct WriteQueue {
     tx: Sender<Op>,
     stop: Arc<AtomicBool>,
+    /// Set while the writer runs a batch.
+    busy: Arc<AtomicBool>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -102,18 +104,26 @@ impl WriteQueue {
     ) -> Result<WriteQueue, String> {
         let (tx, rx) = channel::bounded::<Op>(QUEUE_CAPACITY);
         let stop = Arc::new(AtomicBool::new(false));
+        let running = Arc::new(AtomicBool::new(false));
         let thread = {
-            let stop = stop.clone();
+            let (stop, running) = (stop.clone(), running.clone());
             thread::Builder::new()
                 .name("db-writer".into())
                 .spawn(move || {
-                    writer_loop(&pool, &rx, busy, &stop, &writes_failing, &*observer);
+                    let writer = Writer {
+                        pool,
+                        busy,
+                        running,
+                        writes_failing,
+                    };
+                    writer.run(&rx, &stop, &*observer);
                 })
                 .map_err(|e| format!("cannot start the database writer: {e}"))?
         };
         Ok(WriteQueue {
             tx,
             stop,
+            busy: running,
             thread: Mutex::new(Some(thread)),
         })
     }
@@ -121,6 +131,11 @@ impl WriteQueue {
     /// Writes queued and not yet taken.
     pub fn queued(&self) -> usize {
         self.tx.len()
+    }
+
+    /// Whether the writer is running a batch right now.
+    pub fn running(&self) -> bool {
+        self.busy.load(Ordering::SeqCst)
     }
 
     /// Hands `work` to the writer. If the writer has not taken it within `acquire`, it is
@@ -186,11 +201,7 @@ impl WriteQueue {
     /// Lets the writer finish what is queued, then joins it (the last write of the process).
     pub fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
-        let thread = self
-            .thread
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(thread) = thread
             && thread.join().is_err()
         {
@@ -199,133 +210,155 @@ impl WriteQueue {
     }
 }
 
-fn writer_loop(
-    pool: &Pool<SqliteConnectionManager>,
-    rx: &Receiver<Op>,
+/// The writer thread's own state.
+struct Writer {
+    pool: Pool<SqliteConnectionManager>,
+    /// How long a batch's `BEGIN IMMEDIATE` waits for SQLite's lock (held only by other
+    /// processes: this one has no other writer).
     busy: Duration,
-    stop: &AtomicBool,
-    writes_failing: &AtomicBool,
-    observer: &(dyn Fn(BatchReport) + Send + Sync),
-) {
-    loop {
-        let first = match rx.recv_timeout(IDLE_WAKE) {
-            Ok(op) => op,
-            Err(RecvTimeoutError::Timeout) if stop.load(Ordering::SeqCst) => return,
-            Err(RecvTimeoutError::Timeout) => continue,
-            Err(RecvTimeoutError::Disconnected) => return,
-        };
-        let mut batch = Vec::with_capacity(16);
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(op) => batch.push(op),
-                Err(_) => break,
-            }
-        }
-        // A write its caller withdrew is dropped; the others can no longer be withdrawn.
-        batch.retain(|op| {
-            op.state
-                .compare_exchange(QUEUED, TAKEN, Ordering::SeqCst, Ordering::SeqCst)
-                .is_ok()
-        });
-        if batch.is_empty() {
-            continue;
-        }
-        let taken = Instant::now();
-        let size = batch.len();
-        let started = Instant::now();
-        run_batch(pool, batch, busy, taken, writes_failing);
-        observer(BatchReport {
-            size,
-            commit: started.elapsed(),
-            queued: rx.len(),
-        });
-    }
+    running: Arc<AtomicBool>,
+    writes_failing: Arc<AtomicBool>,
 }
 
-/// One transaction for the whole batch, a savepoint per write, one commit; then the answers.
-fn run_batch(
-    pool: &Pool<SqliteConnectionManager>,
-    batch: Vec<Op>,
-    busy: Duration,
-    taken: Instant,
-    writes_failing: &AtomicBool,
-) {
-    let mut conn = match pool.get_timeout(busy) {
-        Ok(c) => c,
-        Err(e) => {
-            let why = if e.to_string().contains("timed out") {
-                DbError::AcquireTimeout
-            } else {
-                DbError::Pool(e.to_string())
+impl Writer {
+    fn run(
+        &self,
+        rx: &Receiver<Op>,
+        stop: &AtomicBool,
+        observer: &(dyn Fn(BatchReport) + Send + Sync),
+    ) {
+        loop {
+            let first = match rx.recv_timeout(IDLE_WAKE) {
+                Ok(op) => op,
+                Err(RecvTimeoutError::Timeout) if stop.load(Ordering::SeqCst) => return,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => return,
             };
-            return fail_all(batch, why, taken);
-        }
-    };
-    let begun = conn.busy_timeout(busy).and_then(|()| {
-        conn.transaction_with_behavior(TransactionBehavior::Immediate)
-    });
-    let tx = match begun {
-        Ok(tx) => tx,
-        Err(e) => {
-            let why = note(DbError::from_sqlite(e), writes_failing);
-            return fail_all(batch, why, taken);
-        }
-    };
-    let mut results: Vec<(Sender<Answer>, Result<Value, DbError>)> = Vec::with_capacity(batch.len());
-    for op in batch {
-        let result = match tx.execute_batch("SAVEPOINT write") {
-            Err(e) => Err(DbError::from_sqlite(e)),
-            Ok(()) => match (op.work)(&tx) {
-                Ok(v) => tx
-                    .execute_batch("RELEASE write")
-                    .map(|()| v)
-                    .map_err(DbError::from_sqlite),
-                Err(e) => {
-                    // This write alone is undone; the batch goes on.
-                    let _ = tx.execute_batch("ROLLBACK TO write; RELEASE write");
-                    Err(DbError::from_sqlite(e))
+            let mut batch = Vec::with_capacity(16);
+            batch.push(first);
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(op) => batch.push(op),
+                    Err(_) => break,
                 }
-            },
+            }
+            // A write its caller withdrew is dropped; the others can no longer be withdrawn.
+            batch.retain(|op| {
+                op.state
+                    .compare_exchange(QUEUED, TAKEN, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+            });
+            if !batch.is_empty() {
+                // From here on the batch is fixed: what arrives now waits for the next one.
+                self.running.store(true, Ordering::SeqCst);
+                let size = batch.len();
+                let started = Instant::now();
+                self.commit(batch, started);
+                observer(BatchReport {
+                    size,
+                    commit: started.elapsed(),
+                    queued: rx.len(),
+                });
+            }
+            self.running.store(false, Ordering::SeqCst);
+        }
+    }
+
+    /// One transaction for the whole batch, a savepoint per write, one commit; then the
+    /// answers.
+    fn commit(&self, batch: Vec<Op>, taken: Instant) {
+        let mut conn = match self.pool.get_timeout(self.busy) {
+            Ok(c) => c,
+            Err(e) => {
+                let why = if e.to_string().contains("timed out") {
+                    DbError::AcquireTimeout
+                } else {
+                    DbError::Pool(e.to_string())
+                };
+                return fail_all(batch.into_iter().map(|op| op.answer).collect(), why, taken);
+            }
         };
-        results.push((op.answer, result));
-    }
-    match tx.commit() {
-        Ok(()) => {
-            if writes_failing.swap(false, Ordering::SeqCst) {
-                log::warn!("storage: writes succeed again; ready for work");
+        let begun = conn
+            .busy_timeout(self.busy)
+            .and_then(|()| conn.transaction_with_behavior(TransactionBehavior::Immediate));
+        let tx = match begun {
+            Ok(tx) => tx,
+            Err(e) => {
+                let why = self.note(DbError::from_sqlite(e));
+                return fail_all(batch.into_iter().map(|op| op.answer).collect(), why, taken);
             }
-            for (answer, result) in results {
-                let result = result.map_err(|e| note(e, writes_failing));
-                let _ = answer.send(Answer { result, taken });
+        };
+        let mut done: Vec<(Sender<Answer>, Result<Value, DbError>)> =
+            Vec::with_capacity(batch.len());
+        let mut ops = batch.into_iter();
+        while let Some(op) = ops.next() {
+            let result = match tx.execute_batch("SAVEPOINT write") {
+                Err(e) => Err(DbError::from_sqlite(e)),
+                Ok(()) => match (op.work)(&tx) {
+                    Ok(v) => tx
+                        .execute_batch("RELEASE write")
+                        .map(|()| v)
+                        .map_err(DbError::from_sqlite),
+                    Err(e) => {
+                        // This write alone is undone; the batch goes on.
+                        let _ = tx.execute_batch("ROLLBACK TO write; RELEASE write");
+                        Err(DbError::from_sqlite(e))
+                    }
+                },
+            };
+            if tx.is_autocommit() {
+                // SQLite rolled the whole transaction back (a full disk, an I/O error): every
+                // write of the batch, done or not, is lost with it.
+                let why = match result {
+                    Err(e) => self.note(e),
+                    Ok(_) => DbError::Pool("the batch's transaction ended early".into()),
+                };
+                let answers = done
+                    .into_iter()
+                    .map(|(answer, _)| answer)
+                    .chain(std::iter::once(op.answer))
+                    .chain(ops.map(|op| op.answer))
+                    .collect();
+                return fail_all(answers, why, taken);
+            }
+            done.push((op.answer, result));
+        }
+        match tx.commit() {
+            Ok(()) => {
+                if self.writes_failing.swap(false, Ordering::SeqCst) {
+                    log::warn!("storage: writes succeed again; ready for work");
+                }
+                for (answer, result) in done {
+                    let result = result.map_err(|e| self.note(e));
+                    let _ = answer.send(Answer { result, taken });
+                }
+            }
+            Err(e) => {
+                let why = self.note(DbError::from_sqlite(e));
+                fail_all(
+                    done.into_iter().map(|(answer, _)| answer).collect(),
+                    why,
+                    taken,
+                );
             }
         }
-        Err(e) => {
-            let why = note(DbError::from_sqlite(e), writes_failing);
-            let answers = results.into_iter().map(|(answer, _)| answer).collect();
-            answer_all(answers, why, taken);
+    }
+
+    /// Marks a storage incident (the first failure after writes last succeeded is a new one).
+    fn note(&self, e: DbError) -> DbError {
+        match e {
+            DbError::Unavailable { cause, .. } => DbError::Unavailable {
+                cause,
+                new_incident: !self.writes_failing.swap(true, Ordering::SeqCst),
+            },
+            other => other,
         }
     }
-}
-
-/// Marks a storage incident (the first failure after writes last succeeded is a new one).
-fn note(e: DbError, writes_failing: &AtomicBool) -> DbError {
-    match e {
-        DbError::Unavailable { cause, .. } => DbError::Unavailable {
-            cause,
-            new_incident: !writes_failing.swap(true, Ordering::SeqCst),
-        },
-        other => other,
-    }
-}
-
-fn fail_all(batch: Vec<Op>, why: DbError, taken: Instant) {
-    answer_all(batch.into_iter().map(|op| op.answer).collect(), why, taken);
 }
 
 /// Answers every write with `why`; the first keeps whether it is a new storage incident, so
 /// that its cause is logged once.
-fn answer_all(answers: Vec<Sender<Answer>>, why: DbError, taken: Instant) {
+fn fail_all(answers: Vec<Sender<Answer>>, why: DbError, taken: Instant) {
     let copies: Vec<DbError> = answers.iter().skip(1).map(|_| why.share()).collect();
     for (answer, result) in answers.into_iter().zip(std::iter::once(why).chain(copies)) {
         let _ = answer.send(Answer {

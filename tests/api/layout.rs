@@ -2,7 +2,7 @@
 //! repository's top level holds only what a reader expects.
 //!
 //! Why loops matter here: a student follows the arrows of the request path one way
-//! (`server` → `middleware` → `payments` → …). When two modules import each other, neither can
+//! (`edge::dispatch` → `edge::routes` → `flow::payment` → …). When two modules import each other, neither can
 //! be read, tested or moved without the other, and the arrows stop telling the story.
 //!
 //! How the module graph is read — plain text, no compiler:
@@ -16,7 +16,7 @@
 //!   the inline `mod x { … }` it sits in), and a path that starts at a child module declared in
 //!   the same file (`use client::X;` in `provider/mod.rs`). Grouped `use crate::{a::X, b::{self,
 //!   Y}}` counts once per member. A path is resolved to the longest prefix that names a module:
-//!   `crate::db::Db` → `db`, `crate::provider::client::ProviderClient` → `provider::client`.
+//!   `crate::store::db::Db` → `store::db`, `crate::provider::client::ProviderClient` → `provider::client`.
 //! - **Not dependencies.** Comments (doc links included) and string literals; declaring a child
 //!   (`pub mod client;`), which is not importing it; a module naming itself; and everything
 //!   inside a test-only inline module (`#[cfg(test)] mod tests { … }`), since tests may import

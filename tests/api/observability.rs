@@ -369,3 +369,21 @@ fn paytrace_load_names_the_limit_it_hit() {
         "{text}"
     );
 }
+
+#[test]
+fn a_429_counts_as_shed_for_the_rate_limit_and_not_as_a_payment_that_went_through_the_steps() {
+    let serve = Serve::start(&["--rate-limit", "1/m"]);
+    assert_eq!(pay(serve.url(), "rl-1", &body(100)).status, 201);
+    let before = scrape(serve.url());
+    let r = pay(serve.url(), "rl-2", &body(100));
+    assert_eq!(r.status, 429, "{}", r.body);
+    let after = scrape(serve.url());
+    let shed = "paytrace_requests_shed_total{reason=\"rate_limited\"}";
+    assert_eq!(get_metric(&after, shed) - get_metric(&before, shed), 1.0);
+    let steps = "paytrace_step_duration_seconds_count{step=\"claim\"}";
+    assert_eq!(
+        get_metric(&after, steps),
+        get_metric(&before, steps),
+        "only payments that went through the steps are timed per step"
+    );
+}

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::edge::http;
 use crate::error::ApiError;
-use crate::flow::validate::is_visible_ascii;
+use crate::ids::is_visible_ascii;
 
 /// Longest request line accepted (414 above it).
 pub const MAX_REQUEST_LINE: usize = 8 * 1024;
