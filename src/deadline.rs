@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 /// unused. Measured: a call given 295 ms returned after 306–319 ms on a busy 2-core machine.
 pub const TIMER_OVERRUN: Duration = Duration::from_millis(30);
 
-/// The least each persist operation may wait (for the write token and a connection, then for
+/// The least each persist operation may wait (for the writer to take it, then for
 /// SQLite's lock), even when `--acquire-timeout` or `--write-timeout` is shorter. A short
 /// acquire timeout sheds load before work starts; once the charge was sent there is no work
 /// left to shed, only a record to lose. (Measured with 20 ms timeouts on a busy 2-core machine:

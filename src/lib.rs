@@ -8,7 +8,7 @@
 //! | 01 | accept and parse: a total read deadline, size and framing limits, backpressure | [`edge::front`], [`edge::front::request`] (`read_request`), [`edge::http::read_body`] |
 //! | 02 | middleware and dependency injection | [`edge::middleware::protect`], [`app::App`] (built by [`startup`]) |
 //! | 03 | a bounded worker pool instead of an event loop | [`workers::WorkerPool::try_submit`], [`workers::WorkerPool::shutdown`]; fed by [`edge::dispatch`] |
-//! | 04 | the connection pool with an acquisition timeout | [`store::db::Db::acquire`], [`store::db::Db::writer`] |
+//! | 04 | the connection pool with an acquisition timeout | [`store::db::Db::acquire`], [`store::db::Db::write`], [`store::writer`] (one writer thread, group commit) |
 //! | 05 | the idempotency table, and the reconciler | [`store::idempotency::claim`], [`store::idempotency::persist`], [`flow::reconciler::reconcile`] |
 //! | 06 | the circuit breaker around the provider call | [`provider::breaker::Breaker`], [`provider::client::ProviderClient::charge`] |
 //! | 07 | graceful shutdown in reverse dependency order | [`lifecycle::shutdown`] (the order and why), [`lifecycle::shutdown::teardown`] |
@@ -31,7 +31,7 @@
 //!
 //! Suggested reading order for one request: [`edge::front`] → [`edge::dispatch`] →
 //! [`workers`] → [`edge::routes`] → [`edge::middleware::protect`] → [`flow::payment::create`] →
-//! [`store::db::Db::writer`] → [`store::idempotency::claim`] →
+//! [`store::writer`] → [`store::idempotency::claim`] →
 //! [`provider::client::ProviderClient::charge`] → [`store::idempotency::persist`] →
 //! [`edge::observe`] → [`lifecycle::shutdown`].
 

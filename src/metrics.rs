@@ -121,7 +121,7 @@ impl Metrics {
         registry.register(Box::new(pool_connections.clone()))?;
         let acquire_timeouts = IntCounter::with_opts(opts(
             "db_acquire_timeouts_total",
-            "Times the write token or a pooled connection was not had within the acquire slice.",
+            "Times the writer or a pooled connection was not had within the acquire slice.",
         ))?;
         registry.register(Box::new(acquire_timeouts.clone()))?;
         let plain_histogram =

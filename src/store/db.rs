@@ -2,10 +2,10 @@
 //! payments table. Knows SQLite, nothing about HTTP.
 //!
 //! Two rules carry the design. Acquisition always has a timeout (a saturated pool fails fast
-//! instead of queueing forever), and every write is one short `BEGIN IMMEDIATE` transaction
-//! whose busy wait is the write's slice of the request's budget: a deferred transaction that
-//! reads then writes fails at once with "database is locked" under WAL when another writer
-//! committed in between, ignoring the busy timeout.
+//! instead of queueing forever), and every write goes through the one writer thread
+//! (`writer.rs`), which commits what is queued as one `BEGIN IMMEDIATE` transaction: a deferred
+//! transaction that reads then writes fails at once with "database is locked" under WAL when
+//! another writer committed in between, ignoring the busy timeout.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -282,8 +282,8 @@ impl Db {
     /// otherwise checkpoints inside the commit that crosses its threshold (1000 pages) — and
     /// fsyncs — while holding the write lock, stalling every writer queued behind it. The
     /// housekeeping thread calls this every 100 ms so that the in-commit checkpoint, kept as a
-    /// safety net, rarely has anything to do. Measured at 32 workers, provider 50 ms: the mean
-    /// wait for the write token fell from 5.4 ms to 0.9 ms.
+    /// safety net, rarely has anything to do. (Measured at 32 workers, provider 50 ms, when
+    /// writers still queued for a token: the mean wait for it fell from 5.4 ms to 0.9 ms.)
     pub fn checkpoint_passive(&self, timeout: Duration) -> Result<(), DbError> {
         let conn = self.acquire(timeout)?;
         conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
