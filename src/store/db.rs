@@ -676,6 +676,14 @@ mod tests {
             Arc::new(move |b| sizes.lock().unwrap().push(b.size))
         };
         let db = Db::open(&path, 2, SyncMode::Full, Duration::from_secs(5), observer).unwrap();
+        // A key already taken, for one write of the batch to collide with.
+        db.write(
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+            meta_insert("taken".into()),
+        )
+        .result
+        .unwrap();
         let lock = hold_write_lock(&path);
         // The writer is stuck on a first write; ten more queue behind it meanwhile.
         let blocker = {
@@ -692,9 +700,9 @@ mod tests {
         let writes: Vec<_> = (0..10)
             .map(|i| {
                 let db = db.clone();
-                // Number 4 repeats the key of number 3: a constraint violation of its own.
+                // Number 4 repeats a key already written: a constraint violation of its own.
                 let key = if i == 4 {
-                    "k3".to_string()
+                    "taken".to_string()
                 } else {
                     format!("k{i}")
                 };
@@ -734,9 +742,9 @@ mod tests {
             .unwrap();
         assert_eq!(n, 9, "every write but the failing one committed");
         let sizes = sizes.lock().unwrap().clone();
-        assert_eq!(sizes.first(), Some(&1), "{sizes:?}");
+        assert_eq!(sizes.get(1), Some(&1), "the blocker alone: {sizes:?}");
         assert_eq!(
-            sizes.get(1),
+            sizes.get(2),
             Some(&10),
             "the ten queued writes were one batch: {sizes:?}"
         );
