@@ -2,5 +2,6 @@
 //! ([`idempotency`], unit 05). Neither knows about HTTP.
 
 pub mod db;
+pub mod error;
 pub mod idempotency;
 pub mod writer;

@@ -27,7 +27,7 @@ use r2d2::Pool;
 use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::{Transaction, TransactionBehavior};
 
-use super::db::DbError;
+use super::error::DbError;
 
 /// The most writes one transaction takes.
 pub const MAX_BATCH: usize = 256;
