@@ -21,3 +21,4 @@ mod shutdown;
 mod slow_clients;
 mod storage;
 mod trace;
+mod writer;
