@@ -1,7 +1,8 @@
 //! `paytrace bench`: the reproducible benchmark. It starts its own `paytrace provider` and
 //! `paytrace serve` processes (this same binary) on free loopback ports with a temporary
 //! database, drives each scenario with [`crate::load`], samples the server's peak memory and
-//! thread count from `/proc`, and prints one table.
+//! thread count from `/proc`, reads the single writer's batch sizes from the server's
+//! `/metrics` before and after the load, and prints one table.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -147,6 +148,52 @@ fn flood_fields(flood: &Value, probe: &Value) -> Value {
     })
 }
 
+/// The `_sum` and `_count` of the histogram `name` in a Prometheus text exposition.
+fn histogram_totals(exposition: &str, name: &str) -> Option<(f64, u64)> {
+    let sample = |suffix: &str| -> Option<&str> {
+        let metric = format!("{name}_{suffix}");
+        exposition.lines().find_map(|l| {
+            let (key, value) = l.split_once(' ')?;
+            (key == metric).then_some(value.trim())
+        })
+    };
+    let sum = sample("sum")?.parse::<f64>().ok()?;
+    let count = sample("count")?.parse::<f64>().ok()?;
+    Some((sum, count as u64))
+}
+
+/// The writer's `paytrace_db_batch_size` totals, scraped from `url`'s `/metrics`; `None` when
+/// the server does not export them or cannot be asked.
+fn batch_totals(url: &str) -> Option<(f64, u64)> {
+    let agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(10)))
+        .build()
+        .new_agent();
+    let body = agent
+        .get(format!("{url}/metrics"))
+        .call()
+        .ok()?
+        .into_body()
+        .read_to_string()
+        .ok()?;
+    histogram_totals(&body, "paytrace_db_batch_size")
+}
+
+/// The batch fields of a row from the totals before and after the load: `commits` (how many
+/// transactions the writer committed) and, when there was at least one, `batch_mean` (writes
+/// per commit, one decimal). Neither field is ever null: a field without a value is left out.
+fn batch_fields(before: Option<(f64, u64)>, after: Option<(f64, u64)>) -> Value {
+    let (Some((sum0, count0)), Some((sum1, count1))) = (before, after) else {
+        return json!({});
+    };
+    let commits = count1.saturating_sub(count0);
+    if commits == 0 {
+        return json!({ "commits": 0 });
+    }
+    let mean = (sum1 - sum0) / commits as f64;
+    json!({ "commits": commits, "batch_mean": (mean * 10.0).round() / 10.0 })
+}
+
 /// A child process, killed when dropped.
 struct Proc(Child, String);
 
@@ -288,6 +335,7 @@ pub fn run(config: BenchConfig) -> Result<(), String> {
             timeout: Duration::from_secs(10),
             json: true,
         };
+        let batches_before = batch_totals(&serve.1);
         let cpu_before = cpu_jiffies();
         let probe = s.probe.map(|(path, concurrency)| {
             let probe_config = load_config(path, concurrency);
@@ -310,6 +358,7 @@ pub fn run(config: BenchConfig) -> Result<(), String> {
             }
             _ => f64::NAN,
         };
+        let batches_after = batch_totals(&serve.1);
         sampling.store(false, Ordering::Relaxed);
         let _ = sampler.join();
         let rss_kib = proc_status(pid).map(|(rss, _)| rss).unwrap_or(0);
@@ -336,6 +385,12 @@ pub fn run(config: BenchConfig) -> Result<(), String> {
             "non_2xx": requests - ok,
             "cpu_busy_pct": cpu_busy,
         });
+        if let (Some(fields), Value::Object(batch)) = (
+            row.as_object_mut(),
+            batch_fields(batches_before, batches_after),
+        ) {
+            fields.extend(batch);
+        }
         if let (Some(probe), Some(fields)) = (&probe, row.as_object_mut())
             && let Value::Object(flood) = flood_fields(&summary, probe)
         {
@@ -352,24 +407,32 @@ pub fn run(config: BenchConfig) -> Result<(), String> {
             serde_json::to_string_pretty(&Value::Array(rows)).unwrap_or_default()
         );
     } else {
-        print_table(&rows, config.duration);
+        print!("{}", render_table(&rows, config.duration));
     }
     Ok(())
 }
 
-fn print_table(rows: &[Value], duration: Duration) {
-    println!(
-        "| scenario ({} each, closed loop) | req/s | workers/latency | p50 ms | p99 ms | p99.9 ms | peak RSS MiB | threads | CPU busy % | non-2xx |",
+/// The bench's table (and the flood's, when a flood row ran) as Markdown.
+fn render_table(rows: &[Value], duration: Duration) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| scenario ({} each, closed loop) | req/s | workers/latency | p50 ms | p99 ms | p99.9 ms | peak RSS MiB | threads | CPU busy % | non-2xx | batch |",
         humantime::format_duration(duration)
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         let little = r["little_bound"]
             .as_f64()
             .map(|l| format!("{l:.0}"))
             .unwrap_or_else(|| "—".into());
-        println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+        let batch = r["batch_mean"]
+            .as_f64()
+            .map_or_else(|| "—".into(), |b| format!("{b:.1}"));
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r["scenario"].as_str().unwrap_or(""),
             r["throughput"],
             little,
@@ -379,21 +442,24 @@ fn print_table(rows: &[Value], duration: Duration) {
             r["peak_rss_mib"],
             r["peak_threads"],
             r["cpu_busy_pct"],
-            r["non_2xx"]
+            r["non_2xx"],
+            batch
         );
     }
     let floods: Vec<&Value> = rows.iter().filter(|r| r.get("sheds").is_some()).collect();
     if floods.is_empty() {
-        return;
+        return out;
     }
     let num = |v: &Value| v.as_f64().map_or_else(|| "—".into(), |n| n.to_string());
-    println!();
-    println!(
+    out.push('\n');
+    let _ = writeln!(
+        out,
         "| flood (same run as its row above) | 503 sheds | shed p50 ms | shed p99 ms | /healthz 200 / 503 / other | /healthz p50 ms | /healthz p99 ms | shed p99 / /healthz p99 |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
     for r in floods {
-        println!(
+        let _ = writeln!(
+            out,
             "| {} | {} | {} | {} | {} / {} / {} | {} | {} | {} |",
             r["scenario"].as_str().unwrap_or(""),
             r["sheds"],
@@ -407,6 +473,7 @@ fn print_table(rows: &[Value], duration: Duration) {
             num(&r["shed_to_healthz_p99"]),
         );
     }
+    out
 }
 
 #[cfg(test)]
@@ -447,6 +514,79 @@ mod tests {
             (&json!(500), &json!(480), &json!(18), &json!(2))
         );
         assert_eq!(f["shed_to_healthz_p99"], 16.0);
+    }
+
+    const EXPOSITION: &str = "\
+# HELP paytrace_db_batch_size Writes committed together in one transaction by the single writer.
+# TYPE paytrace_db_batch_size histogram
+paytrace_db_batch_size_bucket{le=\"1\"} 3
+paytrace_db_batch_size_bucket{le=\"+Inf\"} 10
+paytrace_db_batch_size_sum 85
+paytrace_db_batch_size_count 10
+paytrace_db_batch_size_other 99
+";
+
+    #[test]
+    fn the_batch_totals_are_read_from_the_exposition() {
+        assert_eq!(
+            histogram_totals(EXPOSITION, "paytrace_db_batch_size"),
+            Some((85.0, 10))
+        );
+        assert_eq!(histogram_totals(EXPOSITION, "paytrace_db_commit"), None);
+        assert_eq!(histogram_totals("", "paytrace_db_batch_size"), None);
+    }
+
+    #[test]
+    fn the_mean_batch_is_the_windows_writes_over_its_commits() {
+        // 200 writes in 25 commits during the window, whatever came before it.
+        let f = batch_fields(Some((85.0, 10)), Some((285.0, 35)));
+        assert_eq!(f, json!({"commits": 25, "batch_mean": 8.0}));
+        let f = batch_fields(Some((0.0, 0)), Some((10.0, 3)));
+        assert_eq!(f["batch_mean"], 3.3);
+    }
+
+    #[test]
+    fn no_commits_or_no_metric_leave_the_mean_out_instead_of_null() {
+        assert_eq!(
+            batch_fields(Some((85.0, 10)), Some((85.0, 10))),
+            json!({"commits": 0})
+        );
+        assert_eq!(batch_fields(None, Some((85.0, 10))), json!({}));
+        assert_eq!(batch_fields(Some((85.0, 10)), None), json!({}));
+    }
+
+    #[test]
+    fn the_table_shows_the_mean_batch_or_a_dash_never_null() {
+        let row = |scenario: &str, batch: Value| {
+            let mut r = json!({
+                "scenario": scenario, "throughput": 100.0, "little_bound": null,
+                "p50_ms": 1.0, "p99_ms": 2.0, "p999_ms": 3.0, "peak_rss_mib": 9.5,
+                "peak_threads": 12, "requests": 500, "non_2xx": 0, "cpu_busy_pct": 50.0,
+            });
+            if let (Some(r), Value::Object(b)) = (r.as_object_mut(), batch) {
+                r.extend(b);
+            }
+            r
+        };
+        let rows = [
+            row(
+                "GET /healthz (ceiling)",
+                batch_fields(Some((0.0, 0)), Some((0.0, 0))),
+            ),
+            row(
+                "POST /payments, x",
+                batch_fields(Some((0.0, 0)), Some((57.0, 10))),
+            ),
+            row("from an older server", batch_fields(None, None)),
+        ];
+        let table = render_table(&rows, Duration::from_secs(5));
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[0].ends_with("| non-2xx | batch |"), "{table}");
+        assert_eq!(lines[1].matches('|').count(), lines[0].matches('|').count());
+        assert!(lines[2].ends_with("| 0 | — |"), "{table}");
+        assert!(lines[3].ends_with("| 0 | 5.7 |"), "{table}");
+        assert!(lines[4].ends_with("| 0 | — |"), "{table}");
+        assert!(!table.contains("null"), "{table}");
     }
 
     #[test]
