@@ -159,29 +159,25 @@ fn a_kill_9_during_busy_batches_loses_no_answered_payment_and_no_key_gets_two_pa
     eventually(Duration::from_secs(20), "the load is running", || {
         (load.created() >= 200).then_some(())
     });
-    // Batches committed from here on, while all 64 clients are sending.
+    // Batches committed from here on, while all 64 clients are sending: the crash must come
+    // while the writer commits batches of more than 8 writes. How large the batches get
+    // depends on how the machine schedules the clients (a mean of 12–19 on a quiet 2-core
+    // machine, under 4 with the load average at 40), so wait for such batches rather than
+    // assert a mean.
     let from = batches(&url);
     let to = eventually(
         Duration::from_secs(30),
-        "the writer commits 300 batches under load",
+        "the writer commits batches of more than 8 writes under load",
         || {
             let now = batches(&url);
-            (now.count - from.count >= 300.0).then_some(now)
+            let above_8 = (now.count - now.up_to_8) - (from.count - from.up_to_8);
+            (above_8 >= 5.0).then_some(now)
         },
     );
     let (writes, n) = (to.sum - from.sum, to.count - from.count);
     let above_8 = (to.count - to.up_to_8) - (from.count - from.up_to_8);
     eprintln!(
         "batches under load: {n} batches, {writes} writes, mean {:.1}, {above_8} of more than 8",
-        writes / n
-    );
-    // Each payment is two writes (claim, persist), one at a time: 64 clients keep up to 64
-    // writes queued while a batch commits (one fsync with `--sync full`). Measured on a busy
-    // 2-core machine, debug build: mean 12–19 with 64 clients; 4–7 with 32, whose payments
-    // spend most of their time outside the writer (HTTP, the provider call).
-    assert!(
-        writes / n >= 8.0,
-        "mean batch size {:.1} ({writes} writes in {n} batches)",
         writes / n
     );
 
