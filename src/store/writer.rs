@@ -5,7 +5,9 @@
 //! (up to [`MAX_BATCH`]), runs each write in its own savepoint inside one `BEGIN IMMEDIATE`
 //! transaction, commits once — one fsync for the whole batch under `--sync full` — and only
 //! then answers each waiting request: nothing is reported written before it is durable. A write
-//! that fails rolls back its own savepoint; its neighbours commit.
+//! that fails rolls back its own savepoint; its neighbours commit. When nothing is queued and
+//! nobody is committing, a request commits its own write on its own thread instead (a batch
+//! of one): handing it to the writer thread would only add two thread wake-ups.
 //!
 //! Why not let every request write for itself: each write then waits its turn for SQLite's lock
 //! (or this process's write token), and on a busy machine every hand-off of the lock has to wake
@@ -17,7 +19,7 @@
 //! for within its `write` slice.
 
 use std::any::Any;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -86,8 +88,7 @@ pub struct Written<T> {
 pub struct WriteQueue {
     tx: Sender<Op>,
     stop: Arc<AtomicBool>,
-    /// Set while the writer runs a batch.
-    busy: Arc<AtomicBool>,
+    writer: Arc<Writer>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -104,38 +105,39 @@ impl WriteQueue {
     ) -> Result<WriteQueue, String> {
         let (tx, rx) = channel::bounded::<Op>(QUEUE_CAPACITY);
         let stop = Arc::new(AtomicBool::new(false));
-        let running = Arc::new(AtomicBool::new(false));
+        let writer = Arc::new(Writer {
+            pool,
+            busy,
+            running: AtomicBool::new(false),
+            holding: AtomicUsize::new(0),
+            commit: Mutex::new(()),
+            writes_failing,
+            observer,
+        });
         let thread = {
-            let (stop, running) = (stop.clone(), running.clone());
+            let (stop, writer) = (stop.clone(), writer.clone());
             thread::Builder::new()
                 .name("db-writer".into())
-                .spawn(move || {
-                    let writer = Writer {
-                        pool,
-                        busy,
-                        running,
-                        writes_failing,
-                    };
-                    writer.run(&rx, &stop, &*observer);
-                })
+                .spawn(move || writer.run(&rx, &stop))
                 .map_err(|e| format!("cannot start the database writer: {e}"))?
         };
         Ok(WriteQueue {
             tx,
             stop,
-            busy: running,
+            writer,
             thread: Mutex::new(Some(thread)),
         })
     }
 
-    /// Writes queued and not yet taken.
+    /// Writes waiting for the writer: queued, or taken out of the queue by the writer thread
+    /// while it waits to commit.
     pub fn queued(&self) -> usize {
-        self.tx.len()
+        self.tx.len() + self.writer.holding.load(Ordering::SeqCst)
     }
 
-    /// Whether the writer is running a batch right now.
+    /// Whether a batch is being committed right now.
     pub fn running(&self) -> bool {
-        self.busy.load(Ordering::SeqCst)
+        self.writer.running.load(Ordering::SeqCst)
     }
 
     /// Hands `work` to the writer. If the writer has not taken it within `acquire`, it is
@@ -159,6 +161,24 @@ impl WriteQueue {
             result,
             waited: handed.elapsed(),
             ran: Duration::ZERO,
+        };
+        // Nobody committing and nothing queued: commit here, on the caller's thread. Waking
+        // the writer thread and being woken back costs two scheduler hand-offs, which on a
+        // busy machine cost more than the commit; batching only pays when writes overlap, and
+        // then this lock is taken and they queue.
+        let op = if self.tx.is_empty() {
+            match self.writer.try_commit_alone(op, self.tx.len()) {
+                Ok(()) => {
+                    let answer = answer_rx.try_recv().unwrap_or_else(|_| Answer {
+                        result: Err(DbError::Pool("a write went unanswered".into())),
+                        taken: handed,
+                    });
+                    return finish(answer, handed);
+                }
+                Err(op) => op,
+            }
+        } else {
+            op
         };
         match self.tx.try_send(op) {
             Ok(()) => {}
@@ -184,18 +204,7 @@ impl WriteQueue {
                 }
             }
         };
-        // The writer sends back exactly what `work` returned, so the downcast holds.
-        let result = answer.result.and_then(|v| {
-            v.downcast::<T>()
-                .map(|v| *v)
-                .map_err(|_| DbError::Pool("a write was answered with another type".into()))
-        });
-        let waited = answer.taken.saturating_duration_since(handed);
-        Written {
-            result,
-            waited,
-            ran: handed.elapsed().saturating_sub(waited),
-        }
+        finish(answer, handed)
     }
 
     /// Lets the writer finish what is queued, then joins it (the last write of the process).
@@ -210,23 +219,25 @@ impl WriteQueue {
     }
 }
 
-/// The writer thread's own state.
+/// The writer: its thread's state, and the lock that makes it the only one committing.
 struct Writer {
     pool: Pool<SqliteConnectionManager>,
     /// How long a batch's `BEGIN IMMEDIATE` waits for SQLite's lock (held only by other
-    /// processes: this one has no other writer).
+    /// processes: this one commits one batch at a time).
     busy: Duration,
-    running: Arc<AtomicBool>,
+    /// Set while a batch is being committed.
+    running: AtomicBool,
+    /// Writes the writer thread took out of the queue and holds while it waits for `commit`.
+    holding: AtomicUsize,
+    /// Held by whoever commits: the writer thread with a batch, or a caller committing its own
+    /// write when nothing else was going on.
+    commit: Mutex<()>,
     writes_failing: Arc<AtomicBool>,
+    observer: BatchObserver,
 }
 
 impl Writer {
-    fn run(
-        &self,
-        rx: &Receiver<Op>,
-        stop: &AtomicBool,
-        observer: &(dyn Fn(BatchReport) + Send + Sync),
-    ) {
+    fn run(&self, rx: &Receiver<Op>, stop: &AtomicBool) {
         loop {
             let first = match rx.recv_timeout(IDLE_WAKE) {
                 Ok(op) => op,
@@ -234,6 +245,9 @@ impl Writer {
                 Err(RecvTimeoutError::Timeout) => continue,
                 Err(RecvTimeoutError::Disconnected) => return,
             };
+            self.holding.store(1, Ordering::SeqCst);
+            // Until the lock is had, `first` stays withdrawable (its state is still QUEUED).
+            let _committing = self.commit.lock().unwrap_or_else(|e| e.into_inner());
             let mut batch = Vec::with_capacity(16);
             batch.push(first);
             while batch.len() < MAX_BATCH {
@@ -242,6 +256,7 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            self.holding.store(0, Ordering::SeqCst);
             // A write its caller withdrew is dropped; the others can no longer be withdrawn.
             batch.retain(|op| {
                 op.state
@@ -249,19 +264,37 @@ impl Writer {
                     .is_ok()
             });
             if !batch.is_empty() {
-                // From here on the batch is fixed: what arrives now waits for the next one.
-                self.running.store(true, Ordering::SeqCst);
-                let size = batch.len();
-                let started = Instant::now();
-                self.commit(batch, started);
-                observer(BatchReport {
-                    size,
-                    commit: started.elapsed(),
-                    queued: rx.len(),
-                });
+                self.commit_batch(batch, rx.len());
             }
-            self.running.store(false, Ordering::SeqCst);
         }
+    }
+
+    /// Commits `op` alone on the caller's thread if nobody is committing; otherwise hands it
+    /// back to be queued.
+    fn try_commit_alone(&self, op: Op, queued: usize) -> Result<(), Op> {
+        let _committing = match self.commit.try_lock() {
+            Ok(guard) => guard,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Err(op),
+        };
+        op.state.store(TAKEN, Ordering::SeqCst);
+        self.commit_batch(vec![op], queued);
+        Ok(())
+    }
+
+    /// Commits a fixed batch (the caller holds `commit`) and reports it.
+    fn commit_batch(&self, batch: Vec<Op>, queued: usize) {
+        // From here on the batch is fixed: what arrives now waits for the next one.
+        self.running.store(true, Ordering::SeqCst);
+        let size = batch.len();
+        let started = Instant::now();
+        self.commit(batch, started);
+        (self.observer)(BatchReport {
+            size,
+            commit: started.elapsed(),
+            queued,
+        });
+        self.running.store(false, Ordering::SeqCst);
     }
 
     /// One transaction for the whole batch, a savepoint per write, one commit; then the
@@ -353,6 +386,22 @@ impl Writer {
             },
             other => other,
         }
+    }
+}
+
+/// A write's answer with its own type again, and its times.
+fn finish<T: 'static>(answer: Answer, handed: Instant) -> Written<T> {
+    // The writer sends back exactly what `work` returned, so the downcast holds.
+    let result = answer.result.and_then(|v| {
+        v.downcast::<T>()
+            .map(|v| *v)
+            .map_err(|_| DbError::Pool("a write was answered with another type".into()))
+    });
+    let waited = answer.taken.saturating_duration_since(handed);
+    Written {
+        result,
+        waited,
+        ran: handed.elapsed().saturating_sub(waited),
     }
 }
 
