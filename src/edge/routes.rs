@@ -264,6 +264,7 @@ fn metrics(app: &App) -> Reply {
     m.breaker_state
         .set(i64::from(app.provider.breaker_state().as_number()));
     m.draining.set(i64::from(app.is_draining()));
+    m.db_writer_queue.set(app.db.writer_queue() as i64);
     Reply::text(200, "text/plain; version=0.0.4; charset=utf-8", m.render())
 }
 

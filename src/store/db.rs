@@ -2,8 +2,9 @@
 //! payments table. Knows SQLite, nothing about HTTP.
 //!
 //! Two rules carry the design. Acquisition always has a timeout (a saturated pool fails fast
-//! instead of queueing forever), and every write goes through the one writer thread
-//! (`writer.rs`), which commits what is queued as one `BEGIN IMMEDIATE` transaction: a deferred
+//! instead of queueing forever), and every write goes through the single writer (`writer.rs`):
+//! one `BEGIN IMMEDIATE` transaction for what is queued, committed by the writer thread (or,
+//! when nothing else is going on, by the request itself): a deferred
 //! transaction that reads then writes fails at once with "database is locked" under WAL when
 //! another writer committed in between, ignoring the busy timeout.
 
@@ -156,8 +157,8 @@ impl Db {
     }
 
     /// Hands `work` to the writer: it runs in its own savepoint of the next batch, and its
-    /// result is returned once the batch has committed. See [`WriteQueue::write`] for the two
-    /// timeouts.
+    /// result is returned once the batch has committed (or failed). See [`WriteQueue::write`]
+    /// for the two timeouts, and the one answer that comes before the commit.
     pub fn write<T: Send + 'static>(
         &self,
         acquire: Duration,
@@ -698,6 +699,81 @@ mod tests {
             Some(&10),
             "the ten queued writes were one batch: {sizes:?}"
         );
+    }
+
+    #[test]
+    fn a_write_that_ends_the_whole_transaction_fails_every_write_of_its_batch() {
+        // One pooled connection, so the page limit set on it applies to every write here.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("batch-full.db");
+        let db = Db::open(
+            &path,
+            1,
+            SyncMode::Normal,
+            Duration::from_secs(5),
+            no_observer(),
+        )
+        .unwrap();
+        {
+            let c = db.acquire(Duration::from_secs(1)).unwrap();
+            let pages: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0)).unwrap();
+            c.pragma_update(None, "max_page_count", (pages + 2).to_string())
+                .unwrap();
+        }
+        let lock = hold_write_lock(&path);
+        let blocker = {
+            let db = db.clone();
+            std::thread::spawn(move || {
+                db.write(
+                    Duration::from_secs(5),
+                    Duration::from_secs(5),
+                    meta_insert("blocker".into()),
+                )
+            })
+        };
+        eventually_queue_empty(&db);
+        // Five small writes and one too large for the file queue behind it: one batch.
+        let writes: Vec<_> = (0..6)
+            .map(|i| {
+                let db = db.clone();
+                std::thread::spawn(move || {
+                    db.write(Duration::from_secs(5), Duration::from_secs(5), move |tx| {
+                        let value = if i == 3 {
+                            "x".repeat(256 * 1024)
+                        } else {
+                            "v".into()
+                        };
+                        tx.execute(
+                            "INSERT INTO meta (key, value) VALUES (?1, ?2)",
+                            params![format!("small-{i}"), value],
+                        )
+                    })
+                })
+            })
+            .collect();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while db.writer_queue() < 6 {
+            assert!(std::time::Instant::now() < deadline, "six writes queue");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        drop(lock);
+        assert!(blocker.join().unwrap().result.is_ok());
+        for w in writes {
+            let r = w.join().unwrap().result;
+            assert!(
+                matches!(r, Err(DbError::Unavailable { .. })),
+                "every write of the batch fails with it: {r:?}"
+            );
+        }
+        let c = db.acquire(Duration::from_secs(1)).unwrap();
+        let n: i64 = c
+            .query_row(
+                "SELECT count(*) FROM meta WHERE key LIKE 'small-%'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(n, 0, "nothing of the failed batch was stored");
     }
 
     #[test]

@@ -16,9 +16,11 @@
 //!
 //! The budget still rules: a write not taken by the writer within its `acquire` slice is
 //! withdrawn and answered like a saturated pool (the caller's 503), and a taken one is waited
-//! for within its `write` slice.
+//! for within its `write` slice. A write committed on the caller's own thread waits at most its
+//! `acquire` slice for a pooled connection and its `write` slice for SQLite's lock.
 
 use std::any::Any;
+use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
@@ -142,7 +144,8 @@ impl WriteQueue {
 
     /// Hands `work` to the writer. If the writer has not taken it within `acquire`, it is
     /// withdrawn ([`DbError::AcquireTimeout`]: nothing was written). Once taken, its answer is
-    /// waited for within `wait` ([`DbError::Busy`] after that: it may still commit).
+    /// waited for within `wait`; [`DbError::Busy`] after that is the one answer that comes
+    /// before the commit: the write may still be committed (callers treat it as "unknown").
     pub fn write<T: Send + 'static>(
         &self,
         acquire: Duration,
@@ -166,8 +169,8 @@ impl WriteQueue {
         // the writer thread and being woken back costs two scheduler hand-offs, which on a
         // busy machine cost more than the commit; batching only pays when writes overlap, and
         // then this lock is taken and they queue.
-        let op = if self.tx.is_empty() {
-            match self.writer.try_commit_alone(op, self.tx.len()) {
+        let op = if self.queued() == 0 {
+            match self.writer.try_commit_alone(op, acquire, wait) {
                 Ok(()) => {
                     let answer = answer_rx.try_recv().unwrap_or_else(|_| Answer {
                         result: Err(DbError::Pool("a write went unanswered".into())),
@@ -264,43 +267,53 @@ impl Writer {
                     .is_ok()
             });
             if !batch.is_empty() {
-                self.commit_batch(batch, rx.len());
+                self.commit_batch(batch, rx.len(), self.busy, self.busy);
             }
         }
     }
 
     /// Commits `op` alone on the caller's thread if nobody is committing; otherwise hands it
-    /// back to be queued.
-    fn try_commit_alone(&self, op: Op, queued: usize) -> Result<(), Op> {
+    /// back to be queued. The caller's own slices bound it: `acquire` for a pooled connection,
+    /// `wait` for SQLite's lock.
+    fn try_commit_alone(&self, op: Op, acquire: Duration, wait: Duration) -> Result<(), Op> {
         let _committing = match self.commit.try_lock() {
             Ok(guard) => guard,
             Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
             Err(std::sync::TryLockError::WouldBlock) => return Err(op),
         };
         op.state.store(TAKEN, Ordering::SeqCst);
-        self.commit_batch(vec![op], queued);
+        self.commit_batch(vec![op], 0, acquire, wait.min(self.busy));
         Ok(())
     }
 
-    /// Commits a fixed batch (the caller holds `commit`) and reports it.
-    fn commit_batch(&self, batch: Vec<Op>, queued: usize) {
+    /// Commits a fixed batch (the caller holds `commit`) and reports it if it committed.
+    fn commit_batch(&self, batch: Vec<Op>, queued: usize, connect: Duration, busy: Duration) {
         // From here on the batch is fixed: what arrives now waits for the next one.
         self.running.store(true, Ordering::SeqCst);
         let size = batch.len();
-        let started = Instant::now();
-        self.commit(batch, started);
-        (self.observer)(BatchReport {
-            size,
-            commit: started.elapsed(),
-            queued,
-        });
+        let committed = self.commit(batch, Instant::now(), connect, busy);
         self.running.store(false, Ordering::SeqCst);
+        if let Some(commit) = committed {
+            (self.observer)(BatchReport {
+                size,
+                commit,
+                queued,
+            });
+        }
     }
 
     /// One transaction for the whole batch, a savepoint per write, one commit; then the
-    /// answers.
-    fn commit(&self, batch: Vec<Op>, taken: Instant) {
-        let mut conn = match self.pool.get_timeout(self.busy) {
+    /// answers. `connect` bounds the wait for a pooled connection, `busy` the wait for SQLite's
+    /// lock. Returns how long the transaction took from `BEGIN` if it committed.
+    fn commit(
+        &self,
+        batch: Vec<Op>,
+        taken: Instant,
+        connect: Duration,
+        busy: Duration,
+    ) -> Option<Duration> {
+        let answers_of = |batch: Vec<Op>| batch.into_iter().map(|op| op.answer).collect();
+        let mut conn = match self.pool.get_timeout(connect) {
             Ok(c) => c,
             Err(e) => {
                 let why = if e.to_string().contains("timed out") {
@@ -308,43 +321,34 @@ impl Writer {
                 } else {
                     DbError::Pool(e.to_string())
                 };
-                return fail_all(batch.into_iter().map(|op| op.answer).collect(), why, taken);
+                fail_all(answers_of(batch), why, taken);
+                return None;
             }
         };
+        let begun_at = Instant::now();
         let begun = conn
-            .busy_timeout(self.busy)
+            .busy_timeout(busy)
             .and_then(|()| conn.transaction_with_behavior(TransactionBehavior::Immediate));
         let tx = match begun {
             Ok(tx) => tx,
             Err(e) => {
                 let why = self.note(DbError::from_sqlite(e));
-                return fail_all(batch.into_iter().map(|op| op.answer).collect(), why, taken);
+                fail_all(answers_of(batch), why, taken);
+                return None;
             }
         };
         let mut done: Vec<(Sender<Answer>, Result<Value, DbError>)> =
             Vec::with_capacity(batch.len());
         let mut ops = batch.into_iter();
         while let Some(op) = ops.next() {
-            let result = match tx.execute_batch("SAVEPOINT write") {
-                Err(e) => Err(DbError::from_sqlite(e)),
-                Ok(()) => match (op.work)(&tx) {
-                    Ok(v) => tx
-                        .execute_batch("RELEASE write")
-                        .map(|()| v)
-                        .map_err(DbError::from_sqlite),
-                    Err(e) => {
-                        // This write alone is undone; the batch goes on.
-                        let _ = tx.execute_batch("ROLLBACK TO write; RELEASE write");
-                        Err(DbError::from_sqlite(e))
-                    }
-                },
-            };
-            if tx.is_autocommit() {
-                // SQLite rolled the whole transaction back (a full disk, an I/O error): every
-                // write of the batch, done or not, is lost with it.
+            let (result, intact) = run_in_savepoint(&tx, op.work);
+            if !intact || tx.is_autocommit() {
+                // The transaction cannot be trusted any more — SQLite rolled it back (a full
+                // disk, an I/O error), or a savepoint could not be released or rolled back —
+                // so nothing of the batch is committed and every write of it fails.
                 let why = match result {
                     Err(e) => self.note(e),
-                    Ok(_) => DbError::Pool("the batch's transaction ended early".into()),
+                    Ok(_) => DbError::Pool("the batch's transaction could not go on".into()),
                 };
                 let answers = done
                     .into_iter()
@@ -352,19 +356,30 @@ impl Writer {
                     .chain(std::iter::once(op.answer))
                     .chain(ops.map(|op| op.answer))
                     .collect();
-                return fail_all(answers, why, taken);
+                fail_all(answers, why, taken);
+                return None;
             }
             done.push((op.answer, result));
         }
         match tx.commit() {
             Ok(()) => {
-                if self.writes_failing.swap(false, Ordering::SeqCst) {
+                let committed = begun_at.elapsed();
+                // A write's own storage error still marks the incident; the storage is back
+                // only if every write of the batch reached it.
+                let done: Vec<_> = done
+                    .into_iter()
+                    .map(|(answer, result)| (answer, result.map_err(|e| self.note(e))))
+                    .collect();
+                let all_stored = done
+                    .iter()
+                    .all(|(_, r)| !matches!(r, Err(DbError::Unavailable { .. })));
+                if all_stored && self.writes_failing.swap(false, Ordering::SeqCst) {
                     log::warn!("storage: writes succeed again; ready for work");
                 }
                 for (answer, result) in done {
-                    let result = result.map_err(|e| self.note(e));
                     let _ = answer.send(Answer { result, taken });
                 }
+                Some(committed)
             }
             Err(e) => {
                 let why = self.note(DbError::from_sqlite(e));
@@ -373,6 +388,7 @@ impl Writer {
                     why,
                     taken,
                 );
+                None
             }
         }
     }
@@ -385,6 +401,35 @@ impl Writer {
                 new_incident: !self.writes_failing.swap(true, Ordering::SeqCst),
             },
             other => other,
+        }
+    }
+}
+
+/// Runs one write in its own savepoint: on success the savepoint is released, on failure (or
+/// a panic, which must not end the writer) rolled back. The flag says whether the transaction
+/// is still intact — false when the savepoint could not be released or rolled back.
+fn run_in_savepoint(tx: &Transaction, work: Work) -> (Result<Value, DbError>, bool) {
+    if let Err(e) = tx.execute_batch("SAVEPOINT write") {
+        return (Err(DbError::from_sqlite(e)), false);
+    }
+    let ran = panic::catch_unwind(AssertUnwindSafe(|| work(tx)));
+    match ran {
+        Ok(Ok(v)) => match tx.execute_batch("RELEASE write") {
+            Ok(()) => (Ok(v), true),
+            Err(e) => (Err(DbError::from_sqlite(e)), false),
+        },
+        Ok(Err(e)) => {
+            let undone = tx.execute_batch("ROLLBACK TO write; RELEASE write").is_ok();
+            (Err(DbError::from_sqlite(e)), undone)
+        }
+        Err(panic) => {
+            let what = crate::workers::panic_message(panic.as_ref());
+            log::error!("a database write panicked: {what}");
+            let undone = tx.execute_batch("ROLLBACK TO write; RELEASE write").is_ok();
+            (
+                Err(DbError::Pool(format!("the write panicked: {what}"))),
+                undone,
+            )
         }
     }
 }
