@@ -56,13 +56,14 @@ fn a_failing_provider_opens_the_breaker_then_trial_calls_close_it() {
             retry, 1,
             "the breaker reopens within a second (--breaker-open 1s)"
         );
-        // No provider call: answered within 100 ms of being read off the socket (the server's
-        // own clock; two fsync'd commits on a busy machine), and well within a client's
-        // patience including connecting. A call would wait for the provider.
+        // No provider call (the provider's request count below says so): answered within
+        // 250 ms of being read off the socket — two fsync'd commits, which on this project's
+        // VM have taken over 100 ms together at times — and well within a client's patience
+        // including connecting.
         let total = server_total_ms(&r);
-        assert!(total < 100.0, "short-circuited in {total} ms");
+        assert!(total < 250.0, "short-circuited in {total} ms");
         assert!(
-            r.elapsed < Duration::from_millis(300),
+            r.elapsed < Duration::from_millis(600),
             "client saw {:?}",
             r.elapsed
         );
