@@ -1,8 +1,8 @@
 //! Unit 01, reading one request off a client socket within its deadline: the head (request
 //! line and headers, parsed by httparse and bounded in size), the framing (`Content-Length` or
 //! chunked, checked strictly: a request two parties could read differently is refused), and the
-//! body. Whatever breaks a limit is a [`Refusal`], which the front answers itself; what passes
-//! is an [`Incoming`] request, complete, for tiny_http.
+//! body. Whatever breaks a limit is a `Refusal`, which the front answers itself; what passes
+//! is an `Incoming` request, complete, for tiny_http.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
