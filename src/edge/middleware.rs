@@ -20,6 +20,7 @@ use super::ratelimit::Decision;
 use crate::app::App;
 use crate::deadline::Deadline;
 use crate::error::ApiError;
+use crate::flow::Report;
 use crate::trace::{self, Unit};
 
 /// A request's identity and timing, set once when the dispatcher takes it and never written
@@ -85,8 +86,9 @@ pub struct Verdict {
     pub rate: Option<Decision>,
 }
 
-/// The links in front of every `/payments` handler, in order: auth → rate limit → deadline.
-pub fn protect(app: &App, info: &RequestInfo, request: &Request) -> Verdict {
+/// The links in front of every `/payments` handler, in order: auth → rate limit → deadline. A
+/// request the rate limit refuses is recorded in `report` as shed.
+pub fn protect(app: &App, info: &RequestInfo, request: &Request, report: &mut Report) -> Verdict {
     let principal = match auth::authenticate(&app.keys, http::header(request, "Authorization")) {
         Ok(p) => p,
         Err(e) => {
@@ -99,6 +101,9 @@ pub fn protect(app: &App, info: &RequestInfo, request: &Request) -> Verdict {
     };
     info.hop(Unit::Middleware, "auth", format_args!("ok"));
     let decision = app.limiter.check(&principal.scope, app.clock.now());
+    if !decision.allowed {
+        report.shed = Some("rate_limited");
+    }
     let admitted = rate_limit(decision).and_then(|()| {
         info.hop(
             Unit::Middleware,

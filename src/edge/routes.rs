@@ -169,25 +169,16 @@ pub fn route(
             Handler::Immediate(answer) => Ok(answer()),
             Handler::Open(handler) => Ok(handler(app)),
             Handler::Protected(adapter) => {
-                let verdict = middleware::protect(app, info, request);
+                let verdict = middleware::protect(app, info, request, report);
                 *rate = verdict.rate;
-                match verdict.admitted {
-                    Ok(admitted) => {
-                        let caller = Caller {
-                            request_id: &info.request_id,
-                            scope: &admitted.principal.scope,
-                            deadline: admitted.deadline,
-                        };
-                        let id = id.to_string();
-                        adapter(app, &caller, request, &id, report)
-                    }
-                    Err(e) => {
-                        if matches!(e, ApiError::RateLimited { .. }) {
-                            report.shed = Some("rate_limited");
-                        }
-                        Err(e)
-                    }
-                }
+                let admitted = verdict.admitted?;
+                let caller = Caller {
+                    request_id: &info.request_id,
+                    scope: &admitted.principal.scope,
+                    deadline: admitted.deadline,
+                };
+                let id = id.to_string();
+                adapter(app, &caller, request, &id, report)
             }
         };
     }

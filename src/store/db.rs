@@ -201,13 +201,7 @@ impl Db {
 
     /// Borrows a connection, waiting at most `timeout`.
     pub fn acquire(&self, timeout: Duration) -> Result<Conn, DbError> {
-        self.pool.get_timeout(timeout).map_err(|e| {
-            if e.to_string().contains("timed out") {
-                DbError::AcquireTimeout
-            } else {
-                DbError::Pool(e.to_string())
-            }
-        })
+        self.pool.get_timeout(timeout).map_err(DbError::from_pool)
     }
 
     /// (open connections, idle connections).
@@ -534,6 +528,18 @@ mod tests {
         tx
     }
 
+    /// Writes a row to `meta` from another thread (5 s for each timeout), as a request would.
+    fn write_in_background(db: &Db, key: &str) -> std::thread::JoinHandle<Written<usize>> {
+        let (db, key) = (db.clone(), key.to_string());
+        std::thread::spawn(move || {
+            db.write(
+                Duration::from_secs(5),
+                Duration::from_secs(5),
+                meta_insert(key),
+            )
+        })
+    }
+
     fn meta_insert(key: String) -> impl FnOnce(&Transaction) -> rusqlite::Result<usize> {
         move |tx| {
             tx.execute(
@@ -557,16 +563,7 @@ mod tests {
         .unwrap();
         let lock = hold_write_lock(&path);
         // The writer takes this one and waits in BEGIN for the lock.
-        let first = {
-            let db = db.clone();
-            std::thread::spawn(move || {
-                db.write(
-                    Duration::from_secs(5),
-                    Duration::from_secs(5),
-                    meta_insert("first".into()),
-                )
-            })
-        };
+        let first = write_in_background(&db, "first");
         eventually_queue_empty(&db);
         let t = std::time::Instant::now();
         let second = db.write(
@@ -637,33 +634,17 @@ mod tests {
         .unwrap();
         let lock = hold_write_lock(&path);
         // The writer is stuck on a first write; ten more queue behind it meanwhile.
-        let blocker = {
-            let db = db.clone();
-            std::thread::spawn(move || {
-                db.write(
-                    Duration::from_secs(5),
-                    Duration::from_secs(5),
-                    meta_insert("blocker".into()),
-                )
-            })
-        };
+        let blocker = write_in_background(&db, "blocker");
         eventually_queue_empty(&db);
         let writes: Vec<_> = (0..10)
             .map(|i| {
-                let db = db.clone();
                 // Number 4 repeats a key already written: a constraint violation of its own.
                 let key = if i == 4 {
                     "taken".to_string()
                 } else {
                     format!("k{i}")
                 };
-                std::thread::spawn(move || {
-                    db.write(
-                        Duration::from_secs(5),
-                        Duration::from_secs(5),
-                        meta_insert(key),
-                    )
-                })
+                write_in_background(&db, &key)
             })
             .collect();
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
@@ -721,16 +702,7 @@ mod tests {
                 .unwrap();
         }
         let lock = hold_write_lock(&path);
-        let blocker = {
-            let db = db.clone();
-            std::thread::spawn(move || {
-                db.write(
-                    Duration::from_secs(5),
-                    Duration::from_secs(5),
-                    meta_insert("blocker".into()),
-                )
-            })
-        };
+        let blocker = write_in_background(&db, "blocker");
         eventually_queue_empty(&db);
         // Five small writes and one too large for the file queue behind it: one batch.
         let writes: Vec<_> = (0..6)

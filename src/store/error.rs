@@ -20,6 +20,17 @@ pub enum DbError {
 }
 
 impl DbError {
+    /// Sorts an r2d2 error: no connection within the timeout, or anything else. (r2d2 says
+    /// which only in its message.)
+    pub fn from_pool(e: r2d2::Error) -> DbError {
+        let message = e.to_string();
+        if message.contains("timed out") {
+            DbError::AcquireTimeout
+        } else {
+            DbError::Pool(message)
+        }
+    }
+
     /// The same failure again, for each write of a batch that failed as a whole; a storage
     /// incident is new only for the first of them.
     pub fn share(&self) -> DbError {

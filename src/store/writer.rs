@@ -316,12 +316,7 @@ impl Writer {
         let mut conn = match self.pool.get_timeout(connect) {
             Ok(c) => c,
             Err(e) => {
-                let why = if e.to_string().contains("timed out") {
-                    DbError::AcquireTimeout
-                } else {
-                    DbError::Pool(e.to_string())
-                };
-                fail_all(answers_of(batch), why, taken);
+                fail_all(answers_of(batch), DbError::from_pool(e), taken);
                 return None;
             }
         };

@@ -209,6 +209,20 @@ impl Serve {
         rusqlite::Connection::open(self.dir.path().join("paytrace.db")).unwrap()
     }
 
+    /// `PRAGMA integrity_check` of the database: `ok` when it is sound.
+    pub fn integrity(&self) -> String {
+        self.db()
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    /// Whether the write-ahead log is empty or gone: everything is in the database file.
+    pub fn wal_is_checkpointed(&self) -> bool {
+        std::fs::metadata(self.dir.path().join("paytrace.db-wal"))
+            .map(|m| m.len() == 0)
+            .unwrap_or(true)
+    }
+
     /// `status` of every payment row, by id.
     pub fn rows(&self) -> Vec<(String, String)> {
         let db = self.db();

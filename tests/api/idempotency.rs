@@ -213,11 +213,7 @@ fn kill_9_during_twenty_provider_calls_loses_nothing_and_charges_nothing_twice()
     let rows = serve.rows();
     assert_eq!(rows.len(), 22);
     assert!(rows.iter().all(|(_, s)| s == "succeeded"), "{rows:?}");
-    let db = serve.db();
-    let integrity: String = db
-        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(integrity, "ok");
+    assert_eq!(serve.integrity(), "ok");
 }
 
 #[test]

@@ -84,18 +84,8 @@ fn sigterm_drains_in_flight_payments_refuses_new_connections_and_checkpoints() {
     serve
         .proc
         .wait_for_log("WAL checkpointed", Duration::from_secs(2));
-    let wal = serve.dir.path().join("paytrace.db-wal");
-    assert!(
-        std::fs::metadata(&wal)
-            .map(|m| m.len() == 0)
-            .unwrap_or(true),
-        "the WAL is checkpointed"
-    );
-    let db = serve.db();
-    let ok: String = db
-        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(ok, "ok");
+    assert!(serve.wal_is_checkpointed(), "the WAL is checkpointed");
+    assert_eq!(serve.integrity(), "ok");
     assert_eq!(
         serve
             .rows()

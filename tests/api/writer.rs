@@ -129,11 +129,6 @@ fn batches(url: &str) -> Batches {
     }
 }
 
-fn integrity(db: &rusqlite::Connection) -> String {
-    db.query_row("PRAGMA integrity_check", [], |r| r.get(0))
-        .unwrap()
-}
-
 fn count(db: &rusqlite::Connection, sql: &str) -> usize {
     db.query_row(sql, [], |r| r.get::<_, i64>(0)).unwrap() as usize
 }
@@ -197,7 +192,7 @@ fn a_kill_9_during_busy_batches_loses_no_answered_payment_and_no_key_gets_two_pa
     // Every payment answered 201 is stored with the answered id, before any retry.
     {
         let db = serve.db();
-        assert_eq!(integrity(&db), "ok");
+        assert_eq!(serve.integrity(), "ok");
         let rows: HashMap<String, String> = serve.rows().into_iter().collect();
         for (key, id, _) in &seen.created {
             assert_eq!(
@@ -259,7 +254,7 @@ fn a_kill_9_during_busy_batches_loses_no_answered_payment_and_no_key_gets_two_pa
     assert_eq!(distinct.len(), keys.len(), "one payment per key");
 
     let db = serve.db();
-    assert_eq!(integrity(&db), "ok");
+    assert_eq!(serve.integrity(), "ok");
     let rows = serve.rows();
     assert!(rows.iter().all(|(_, s)| s == "succeeded"), "{rows:?}");
     assert_eq!(rows.len(), keys.len(), "one payment per key sent");
@@ -424,15 +419,11 @@ fn sigterm_drains_the_writer_before_the_pool_closes() {
     serve
         .proc
         .wait_for_log("WAL checkpointed", Duration::from_secs(2));
-    let wal = serve.dir.path().join("paytrace.db-wal");
     assert!(
-        std::fs::metadata(&wal)
-            .map(|m| m.len() == 0)
-            .unwrap_or(true),
+        serve.wal_is_checkpointed(),
         "the WAL is checkpointed after the writer's last commit"
     );
-    let db = serve.db();
-    assert_eq!(integrity(&db), "ok");
+    assert_eq!(serve.integrity(), "ok");
     // Every 201 is stored as it was answered, and no claimed payment was left unfinished.
     let rows: HashMap<String, String> = serve.rows().into_iter().collect();
     for (key, id, _) in &seen.created {
