@@ -339,9 +339,12 @@ fn a_finished_key_expires_after_the_ttl_but_its_payment_stays() {
         Some("true")
     );
     // Once swept, the same key is a new payment (a new charge), and the old payment remains.
-    let again = eventually(Duration::from_secs(5), "the key is swept", || {
+    // A 503 `overloaded` is retried as a client would: on a busy machine the writer can be
+    // held past the acquire slice (a sweep's commit waiting on the disk), and a shed write did
+    // nothing.
+    let again = eventually(Duration::from_secs(10), "the key is swept", || {
         let r = pay(serve.url(), "ttl-1", &body(100));
-        r.header("Idempotent-Replayed").is_none().then_some(r)
+        (r.header("Idempotent-Replayed").is_none() && r.status != 503).then_some(r)
     });
     assert_eq!(again.status, 201);
     assert_ne!(again.body["id"], first.body["id"]);
