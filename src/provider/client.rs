@@ -21,6 +21,44 @@ use crate::clock::Clock;
 use crate::metrics::Metrics;
 use crate::provider::breaker::{Breaker, BreakerConfig, Outcome, State, Transition};
 
+/// The size of ureq's read and write buffers per provider connection.
+const ANSWER_BUFFER: usize = 16 * 1024;
+
+/// Resolves a provider URL whose host is an IP address in place. ureq's own resolver runs every
+/// lookup that has a timeout on a new thread — for a literal address too, once per new
+/// connection — so only host names go to it.
+#[derive(Debug)]
+struct LiteralResolver;
+
+impl ureq::unversioned::resolver::Resolver for LiteralResolver {
+    fn resolve(
+        &self,
+        uri: &ureq::http::Uri,
+        config: &ureq::config::Config,
+        timeout: ureq::unversioned::transport::NextTimeout,
+    ) -> Result<ureq::unversioned::resolver::ResolvedSocketAddrs, ureq::Error> {
+        let literal = uri.host().and_then(|h| {
+            h.trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<std::net::IpAddr>()
+                .ok()
+        });
+        let port = uri.port_u16().unwrap_or(match uri.scheme_str() {
+            Some("https") => 443,
+            _ => 80,
+        });
+        match literal {
+            Some(ip) => {
+                let mut addrs = self.empty();
+                addrs.push(std::net::SocketAddr::new(ip, port));
+                Ok(addrs)
+            }
+            None => ureq::unversioned::resolver::DefaultResolver::default()
+                .resolve(uri, config, timeout),
+        }
+    }
+}
+
 /// One charge to ask for. `idempotency_key` is the payment id: the provider makes at most one
 /// charge per key, which is what makes every retry and resume safe.
 #[derive(Clone, Copy, Debug)]
@@ -121,7 +159,7 @@ impl ProviderClient {
         clock: Arc<dyn Clock>,
         metrics: Arc<Metrics>,
     ) -> ProviderClient {
-        let agent = ureq::Agent::config_builder()
+        let config = ureq::Agent::config_builder()
             .http_status_as_error(false)
             // A redirect is an answer like any other (and not a final one): following it would
             // send the Idempotency-Key and the card to whatever host it names.
@@ -129,9 +167,17 @@ impl ProviderClient {
             .max_idle_connections(pool)
             .max_idle_connections_per_host(pool)
             .timeout_connect(Some(connect_timeout))
+            // ureq's default buffers are 128 KiB each, zeroed for every new connection; an
+            // answer head never needs more than this, and the body is read in pieces.
+            .input_buffer_size(ANSWER_BUFFER)
+            .output_buffer_size(ANSWER_BUFFER)
             .user_agent("paytrace")
-            .build()
-            .new_agent();
+            .build();
+        let agent = ureq::Agent::with_parts(
+            config,
+            ureq::unversioned::transport::DefaultConnector::default(),
+            LiteralResolver,
+        );
         ProviderClient {
             agent,
             base: base_url.trim_end_matches('/').to_string(),
