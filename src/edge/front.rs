@@ -3,7 +3,8 @@
 //! ```text
 //! client ──TCP──▶ front: one thread per connection, at most --max-connections of them;
 //!                 reads the whole request within --socket-timeout, checks sizes and framing,
-//!                 answers what it refuses itself (problem+json, Connection: close)
+//!                 answers what it refuses itself (problem+json, Connection: close);
+//!                 keeps the connection for the next request when the policy allows
 //!        ──private unix socket──▶ tiny_http (parse) ──▶ dispatcher ──▶ workers
 //! ```
 //!
@@ -19,10 +20,16 @@
 //! one thread and at most four descriptors of the front, and about twice
 //! [`Limits::max_request_bytes`] of memory (the request, and its copy on the way to tiny_http):
 //! for at most `--socket-timeout` while it sends, then while the workers answer (bounded by the
-//! request's budget), then at most `--socket-timeout` more while it reads the answer.
+//! request's budget), then at most `--socket-timeout` more while it reads the answer; a kept
+//! connection, the same for each further request (at most [`MAX_REQUESTS_PER_CONNECTION`]),
+//! with at most `--socket-timeout` idle between two.
 //!
-//! Every answer says `Connection: close`: one request per connection. The front writes what the
-//! workers answered back to the client and closes.
+//! Connections are kept alive under a policy that cannot starve anyone (see [`keep_alive`]):
+//! an HTTP/1.1 client that did not pipeline gets `Connection: keep-alive` while at most half of
+//! `--max-connections` are open and the server is not draining; past half, every answer says
+//! `Connection: close`, so idle connections never hold the slots new clients need. A kept
+//! connection may stay idle for `--socket-timeout`, and each request on it has the same limits
+//! as the first. Toward tiny_http it is always one request per unix-socket connection.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -53,6 +60,11 @@ pub use self::request::RECEIVED_HEADER;
 
 /// How long a connection thread waits for another connection before it ends.
 const IDLE_THREAD: Duration = Duration::from_secs(2);
+/// Requests one connection may send before an answer closes it.
+const MAX_REQUESTS_PER_CONNECTION: usize = 1000;
+/// Largest answer head the front rewrites to keep a connection alive; a larger one is passed
+/// through and closes the connection.
+const MAX_ANSWER_HEAD: usize = 16 * 1024;
 /// Stack of a connection thread: the buffers live on the heap.
 const CONNECTION_STACK: usize = 256 * 1024;
 /// File descriptors one connection can hold at once: the client socket, the front's end of the
@@ -342,56 +354,99 @@ fn refuse_connection(shared: &Shared, stream: TcpStream) {
 
 fn serve_connection(shared: &Shared, stream: TcpStream) {
     let limits = &shared.limits;
-    let accepted = Instant::now();
+    let mut started = Instant::now();
     let _ = stream.set_nodelay(true);
     let _ = stream.set_write_timeout(Some(limits.socket_timeout));
     let mut conn = Conn {
         stream,
         buf: Vec::with_capacity(1024),
-        deadline: accepted + limits.socket_timeout,
+        deadline: started + limits.socket_timeout,
         closed_at: shared.front.closed_at.clone(),
     };
     if !conn.wait_for_first_byte() {
         return;
     }
-    match read_request(&mut conn, limits.max_body, accepted) {
-        Ok(request) => forward(shared, &mut conn, request),
-        Err(refusal) => {
-            let Refusal {
-                error,
-                request_id,
-                method,
-                path,
-            } = refusal;
-            let request_id = request_id.unwrap_or_else(crate::ids::request_id);
-            let total = accepted.elapsed();
-            let reply = (*error)
-                .into_reply(&request_id)
-                .header("X-Request-Id", request_id.clone())
-                .header(
-                    "Server-Timing",
-                    server_timing::format(&[Entry::new("total", total)]),
-                );
-            let _ = conn
-                .stream
-                .write_all(&http::encode(&reply, method == "HEAD"));
-            observe::refusal(
-                &shared.app,
-                &request_id,
-                &method,
-                &path,
-                reply.status,
-                total,
-                None,
-            );
-            log::debug!("{request_id}: refused {method} {path}: {}", reply.status);
-            conn.linger();
+    for served in 1.. {
+        let request = match read_request(&mut conn, limits.max_body, started) {
+            Ok(request) => request,
+            Err(refusal) => return refuse(shared, &mut conn, refusal, started),
+        };
+        // A further request on a kept-alive connection after the listener closed: the drain
+        // serves only what was in flight, and this one was not.
+        if served > 1 && shared.front.closing.load(Ordering::SeqCst) {
+            let refusal = Refusal {
+                error: Box::new(ApiError::ShuttingDown),
+                request_id: Some(request.request_id),
+                method: request.method,
+                path: http::split_target(&request.target).0.to_string(),
+            };
+            return refuse(shared, &mut conn, refusal, started);
         }
+        let keep = keep_alive(shared, &conn, &request, served);
+        if !forward(shared, &mut conn, request, keep) {
+            return;
+        }
+        // Kept alive: wait up to --socket-timeout for the next request, which then has a
+        // deadline of its own.
+        conn.deadline = Instant::now() + limits.socket_timeout;
+        if !conn.wait_for_first_byte() {
+            return;
+        }
+        started = Instant::now();
+        conn.deadline = started + limits.socket_timeout;
     }
 }
 
-/// Hands the request to tiny_http and copies its answer back to the client.
-fn forward(shared: &Shared, conn: &mut Conn, request: Incoming) {
+/// Whether the answer to `request` keeps its connection open for another. Only while that
+/// cannot starve anyone: at most half of `--max-connections` are open (so idle kept-alive
+/// connections never hold the slots a new client needs: past half, every answer closes), the
+/// server is not draining, the client did not pipeline (one request in flight per connection,
+/// nothing buffered behind it), and the connection has not served [`MAX_REQUESTS_PER_CONNECTION`].
+fn keep_alive(shared: &Shared, conn: &Conn, request: &Incoming, served: usize) -> bool {
+    request.keep_alive
+        && conn.buf.is_empty()
+        && served < MAX_REQUESTS_PER_CONNECTION
+        && !shared.app.is_draining()
+        && !shared.front.closing.load(Ordering::SeqCst)
+        && shared.front.open_connections() <= shared.limits.max_connections / 2
+}
+
+/// Answers a request the front refuses itself, and closes the connection.
+fn refuse(shared: &Shared, conn: &mut Conn, refusal: Refusal, started: Instant) {
+    let Refusal {
+        error,
+        request_id,
+        method,
+        path,
+    } = refusal;
+    let request_id = request_id.unwrap_or_else(crate::ids::request_id);
+    let total = started.elapsed();
+    let reply = (*error)
+        .into_reply(&request_id)
+        .header("X-Request-Id", request_id.clone())
+        .header(
+            "Server-Timing",
+            server_timing::format(&[Entry::new("total", total)]),
+        );
+    let _ = conn
+        .stream
+        .write_all(&http::encode(&reply, method == "HEAD"));
+    observe::refusal(
+        &shared.app,
+        &request_id,
+        &method,
+        &path,
+        reply.status,
+        total,
+        None,
+    );
+    log::debug!("{request_id}: refused {method} {path}: {}", reply.status);
+    conn.linger();
+}
+
+/// Hands the request to tiny_http and copies its answer back to the client; true if the
+/// connection stays open for another request (`keep` was asked and the answer was whole).
+fn forward(shared: &Shared, conn: &mut Conn, request: Incoming, keep: bool) -> bool {
     let stamp = request
         .read_at
         .saturating_duration_since(epoch())
@@ -430,20 +485,26 @@ fn forward(shared: &Shared, conn: &mut Conn, request: Incoming) {
         );
     }
     out.extend_from_slice(&request.body);
-    let mut sent = 0;
+    // Whether draining began is asked again once the answer is here: an answer to a request
+    // that was in flight when it began says `Connection: close`.
+    let not_draining = || !shared.app.is_draining() && !shared.front.closing.load(Ordering::SeqCst);
+    let mut relay = Relay {
+        client: &mut conn.stream,
+        not_draining: &not_draining,
+        write_by: None,
+        write_time: shared.limits.socket_timeout,
+        sent: 0,
+    };
     let relayed = UnixStream::connect(&shared.backend).and_then(|mut backend| {
         backend.set_read_timeout(Some(shared.limits.answer_timeout))?;
         backend.set_write_timeout(Some(shared.limits.answer_timeout))?;
         backend.write_all(&out)?;
-        relay(
-            &mut backend,
-            &mut conn.stream,
-            shared.limits.socket_timeout,
-            &mut sent,
-        )
+        relay.answer(&mut backend, keep, request.method == "HEAD")
     });
+    let sent = relay.sent;
     match relayed {
-        Ok(()) if sent > 0 => {
+        Ok(true) => return true,
+        Ok(false) if sent > 0 => {
             // Bytes the client sent after its request are not read: the answer said close.
             let _ = conn.stream.shutdown(Shutdown::Write);
             if !conn.buf.is_empty() {
@@ -451,7 +512,7 @@ fn forward(shared: &Shared, conn: &mut Conn, request: Incoming) {
             }
         }
         // Nothing reached the client: it still gets an answer.
-        Ok(()) | Err(_) if sent == 0 => {
+        Ok(_) | Err(_) if sent == 0 => {
             let cause = relayed
                 .err()
                 .map_or_else(|| "no answer".into(), |e| e.to_string());
@@ -468,38 +529,140 @@ fn forward(shared: &Shared, conn: &mut Conn, request: Incoming) {
                 .write_all(&http::encode(&reply, request.method == "HEAD"));
             let _ = conn.stream.shutdown(Shutdown::Write);
         }
-        Ok(()) | Err(_) => log::debug!(
+        Ok(_) | Err(_) => log::debug!(
             "{} {}: the client stopped reading the answer after {sent} bytes",
             request.method,
             request.target
         ),
     }
+    false
 }
 
-/// Copies the answer to the client; writing it all may take `write_time` in total, however
-/// slowly the client reads.
-fn relay(
-    backend: &mut UnixStream,
-    client: &mut TcpStream,
+/// Copies one answer from tiny_http to the client; writing it all may take `write_time` in
+/// total, however slowly the client reads.
+struct Relay<'a> {
+    client: &'a mut TcpStream,
+    /// Asked when the answer's head is here, before it is written.
+    not_draining: &'a dyn Fn() -> bool,
+    write_by: Option<Instant>,
     write_time: Duration,
-    sent: &mut usize,
-) -> io::Result<()> {
-    let mut chunk = [0u8; 8192];
-    let mut write_by = None;
-    loop {
-        let n = backend.read(&mut chunk)?;
-        if n == 0 {
+    sent: usize,
+}
+
+impl Relay<'_> {
+    /// Relays the answer; true if the connection stays open. tiny_http always says
+    /// `Connection: close` (the front asked it to); to keep the connection, that header is
+    /// replaced by `Connection: keep-alive`, which needs an answer framed by `Content-Length`
+    /// that arrives whole. Anything else is passed through as it came, and the connection closes.
+    fn answer(
+        &mut self,
+        backend: &mut UnixStream,
+        keep: bool,
+        head_only: bool,
+    ) -> io::Result<bool> {
+        let mut chunk = [0u8; 8192];
+        let mut buf = Vec::new();
+        if keep {
+            // Read the head (a few hundred bytes, usually in one read).
+            let head = loop {
+                let n = backend.read(&mut chunk)?;
+                buf.extend_from_slice(&chunk[..n]);
+                if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break Some(end + 4);
+                }
+                if n == 0 || buf.len() > MAX_ANSWER_HEAD {
+                    break None;
+                }
+            };
+            let kept = head
+                .filter(|_| (self.not_draining)())
+                .and_then(|end| kept_alive_head(&buf[..end], head_only).map(|h| (end, h)));
+            if let Some((head, body_len)) = kept {
+                let (rewritten, expected) = body_len;
+                self.write(&rewritten)?;
+                let mut body = buf.len() - head;
+                self.write(&buf[head..])?;
+                loop {
+                    let n = backend.read(&mut chunk)?;
+                    if n == 0 {
+                        return Ok(body == expected);
+                    }
+                    body += n;
+                    self.write(&chunk[..n])?;
+                }
+            }
+        }
+        self.write(&buf)?;
+        loop {
+            let n = backend.read(&mut chunk)?;
+            if n == 0 {
+                return Ok(false);
+            }
+            self.write(&chunk[..n])?;
+        }
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
+        if bytes.is_empty() {
             return Ok(());
         }
-        let by = *write_by.get_or_insert_with(|| Instant::now() + write_time);
+        let by = *self
+            .write_by
+            .get_or_insert_with(|| Instant::now() + self.write_time);
         let left = by.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(io::ErrorKind::TimedOut.into());
         }
-        client.set_write_timeout(Some(left))?;
-        client.write_all(&chunk[..n])?;
-        *sent += n;
+        self.client.set_write_timeout(Some(left))?;
+        self.client.write_all(bytes)?;
+        self.sent += bytes.len();
+        Ok(())
     }
+}
+
+/// The answer's head with `Connection: keep-alive` in place of `Connection: close`, and the
+/// body length it announces; `None` if it cannot be kept alive (no `Content-Length`, a
+/// `Transfer-Encoding`, or a head that does not parse).
+fn kept_alive_head(head: &[u8], head_only: bool) -> Option<(Vec<u8>, usize)> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut parsed = httparse::Response::new(&mut headers);
+    let Ok(httparse::Status::Complete(_)) = parsed.parse(head) else {
+        return None;
+    };
+    let code = parsed.code?;
+    let mut out = Vec::with_capacity(head.len() + 16);
+    out.extend_from_slice(
+        format!("HTTP/1.1 {code} {}\r\n", parsed.reason.unwrap_or("")).as_bytes(),
+    );
+    let mut length = None;
+    for h in parsed.headers.iter() {
+        if h.name.eq_ignore_ascii_case("Transfer-Encoding") {
+            return None;
+        }
+        if h.name.eq_ignore_ascii_case("Content-Length") {
+            length = Some(
+                std::str::from_utf8(h.value)
+                    .ok()?
+                    .trim()
+                    .parse::<usize>()
+                    .ok()?,
+            );
+        }
+        if h.name.eq_ignore_ascii_case("Connection") {
+            continue;
+        }
+        out.extend_from_slice(h.name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(h.value);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"Connection: keep-alive\r\n\r\n");
+    let body = if head_only || code < 200 || code == 204 || code == 304 {
+        0
+    } else {
+        length?
+    };
+    Some((out, body))
 }
 
 #[cfg(test)]

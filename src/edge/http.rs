@@ -6,7 +6,9 @@
 //! passed them. Here: the body (read whole, refused over `--max-body`), the media type, the
 //! query string, the request id.
 //!
-//! Every response is written by [`send`] with `Connection: close`: one request per connection.
+//! Every response is written by [`send`] with `Connection: close`: one request per connection
+//! between the front and tiny_http (the front turns it into `keep-alive` toward a client it
+//! keeps).
 //! tiny_http's `Response::add_header` drops `Connection`, so the bytes are written here.
 
 use std::io::{self, Read, Write};

@@ -1,7 +1,7 @@
 //! Unit 03 and unit 04: a bounded queue in front of a fixed number of workers, a pool that
 //! fails fast, and a connection policy under which no client waits behind another.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::{Arc, Barrier};
 use std::thread;
@@ -216,4 +216,112 @@ fn two_hundred_payments_right_after_start_up_all_succeed() {
     }
     assert_eq!(provider_stats(&serve.provider_url)["charges"], 200);
     assert_eq!(serve.rows().len(), 200);
+}
+
+/// Sends `GET /healthz` on `s` and says whether the answer kept the connection alive.
+fn healthz_kept_alive(s: &mut TcpStream) -> bool {
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let (status, text) = read_response(s);
+    assert_eq!(status, 200, "{text}");
+    let text = text.to_ascii_lowercase();
+    assert!(
+        text.contains("connection: keep-alive") != text.contains("connection: close"),
+        "one Connection header, keep-alive or close: {text}"
+    );
+    text.contains("connection: keep-alive")
+}
+
+#[test]
+fn one_connection_carries_many_requests_and_payments() {
+    let serve = burst_server();
+    let mut s = TcpStream::connect(serve.proc.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    for _ in 0..20 {
+        assert!(healthz_kept_alive(&mut s));
+    }
+    for i in 0..10 {
+        s.write_all(&payment_bytes(&format!("ka-{i}"))).unwrap();
+        let (status, text) = read_response(&mut s);
+        assert_eq!(status, 201, "{text}");
+        assert!(text.contains("Connection: keep-alive"), "{text}");
+    }
+    assert_eq!(serve.rows().len(), 10);
+    // `Connection: close` from the client is honoured: answered, then closed.
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let (status, text) = read_response(&mut s);
+    assert_eq!(status, 200);
+    assert!(text.contains("Connection: close"), "{text}");
+    let mut rest = Vec::new();
+    assert_eq!(
+        s.read_to_end(&mut rest).unwrap(),
+        0,
+        "closed after the answer"
+    );
+}
+
+/// The connection policy: idle kept-alive connections hold at most half of `--max-connections`
+/// (past half, every answer closes its connection), so a burst of new clients always finds a
+/// slot; and the kept ones keep working.
+#[test]
+fn idle_kept_alive_connections_never_take_the_slots_new_clients_need() {
+    let _serial = exclusive();
+    let serve = Serve::start(&[
+        "--max-connections",
+        "16",
+        "--socket-timeout",
+        "60s",
+        "--queue",
+        "512",
+        "--rate-limit",
+        "100000/s",
+        "--sync",
+        "normal",
+        "--request-timeout",
+        "5s",
+        "--acquire-timeout",
+        "1s",
+    ]);
+    let addr = serve.proc.addr;
+    // Twelve clients, one after another, each keeping its socket open and idle.
+    let mut idle = Vec::new();
+    let mut kept = 0;
+    for _ in 0..12 {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        if healthz_kept_alive(&mut s) {
+            kept += 1;
+            idle.push(s);
+        }
+    }
+    assert!((1..=8).contains(&kept), "{kept} connections kept alive");
+    // Six new clients at once: each is served, none is refused for want of a connection slot.
+    let start = Arc::new(Barrier::new(6));
+    let burst: Vec<_> = (0..6)
+        .map(|i| {
+            let start = start.clone();
+            thread::spawn(move || {
+                let mut s = TcpStream::connect(addr).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                start.wait();
+                let t = Instant::now();
+                s.write_all(&payment_bytes(&format!("slot-{i}"))).unwrap();
+                let (status, text) = read_response(&mut s);
+                (status, text, t.elapsed())
+            })
+        })
+        .collect();
+    for h in burst {
+        let (status, text, took) = h.join().unwrap();
+        assert_eq!(status, 201, "{text}");
+        assert!(took < Duration::from_secs(5), "answered after {took:?}");
+    }
+    // The idle ones were kept, not dropped: each answers again on the same socket.
+    for s in &mut idle {
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        assert_eq!(read_response(s).0, 200);
+    }
+    assert_eq!(serve.rows().len(), 6);
 }

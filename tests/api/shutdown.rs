@@ -46,6 +46,14 @@ fn sigterm_drains_in_flight_payments_refuses_new_connections_and_checkpoints() {
     early
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
+    // And one kept alive by an answer before the signal.
+    let mut kept = TcpStream::connect(serve.proc.addr).unwrap();
+    kept.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let (status, text) = read_response(&mut kept);
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("Connection: keep-alive"), "{text}");
     let t = Instant::now();
     serve.proc.signal("TERM");
     serve
@@ -55,6 +63,13 @@ fn sigterm_drains_in_flight_payments_refuses_new_connections_and_checkpoints() {
         TcpStream::connect(serve.proc.addr).is_err(),
         "a new connection after the signal is refused"
     );
+    // A further request on the kept-alive connection is not in flight: 503, and closed.
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let (status, text) = read_response(&mut kept);
+    assert_eq!(status, 503, "{text}");
+    assert!(text.contains("shutting-down"), "{text}");
+    assert!(text.contains("Connection: close"), "{text}");
     // Its first request arrives after the listener closed, on a connection accepted before:
     // it is in flight like the others, and served.
     early

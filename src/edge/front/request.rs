@@ -44,6 +44,9 @@ pub(super) struct Incoming {
     /// When the first byte of it arrived, and when the last.
     pub(super) accepted: Instant,
     pub(super) read_at: Instant,
+    /// The client may send another request on this connection: HTTP/1.1 without
+    /// `Connection: close`.
+    pub(super) keep_alive: bool,
 }
 
 /// Why the front answers a request itself.
@@ -177,6 +180,7 @@ pub(super) fn read_request(
         });
     }
     let mut framing = Framing::default();
+    let mut keep_alive = http11;
     let mut forwarded = Vec::with_capacity(parsed.headers.len());
     let refuse = |error: ApiError, request_id: &Option<String>| Refusal {
         error: Box::new(error),
@@ -199,6 +203,13 @@ pub(super) fn read_request(
         let name = h.name;
         if name.eq_ignore_ascii_case("X-Request-Id") && is_visible_ascii(value, 128) {
             request_id.get_or_insert_with(|| value.to_string());
+        }
+        if name.eq_ignore_ascii_case("Connection")
+            && value
+                .split(',')
+                .any(|token| token.trim().eq_ignore_ascii_case("close"))
+        {
+            keep_alive = false;
         }
         match framing.observe(name, value) {
             Ok(true) => continue,
@@ -236,6 +247,7 @@ pub(super) fn read_request(
         request_id: request_id.unwrap_or_else(crate::ids::request_id),
         accepted,
         read_at: Instant::now(),
+        keep_alive,
     })
 }
 
