@@ -31,11 +31,12 @@
 //! connection may stay idle for `--socket-timeout`, and each request on it has the same limits
 //! as the first. Toward tiny_http it is always one request per unix-socket connection.
 
+use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -208,6 +209,8 @@ pub fn start(
         limits,
         idle: AtomicUsize::new(0),
         handoff: crossbeam::channel::unbounded(),
+        kept_idle: Mutex::new(VecDeque::new()),
+        next_kept: AtomicU64::new(0),
     });
     let _ = front.shared.set(Arc::downgrade(&shared));
     let handle = thread::Builder::new()
@@ -226,6 +229,60 @@ struct Shared {
     idle: AtomicUsize,
     /// How [`admit`] hands a connection to an idle thread.
     handoff: (Sender<TcpStream>, Receiver<TcpStream>),
+    /// Kept-alive connections waiting for their next request, oldest first: when every slot is
+    /// taken, a new connection takes the oldest one's (see [`admit`]).
+    kept_idle: Mutex<VecDeque<KeptIdle>>,
+    next_kept: AtomicU64,
+}
+
+/// A kept-alive connection between two requests: a handle to its socket, to close it.
+struct KeptIdle {
+    id: u64,
+    socket: TcpStream,
+}
+
+impl Shared {
+    /// Registers `stream` as idle between two requests; `None` if it cannot be (then it cannot
+    /// be evicted either, which only costs a new client its slot).
+    fn park(&self, stream: &TcpStream) -> Option<u64> {
+        let socket = stream.try_clone().ok()?;
+        let id = self.next_kept.fetch_add(1, Ordering::SeqCst);
+        self.kept_idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_back(KeptIdle { id, socket });
+        Some(id)
+    }
+
+    /// Ends the idle wait of `id`; false if [`Shared::evict_oldest`] took its slot meanwhile.
+    fn unpark(&self, id: Option<u64>) -> bool {
+        let Some(id) = id else { return true };
+        let mut idle = self.kept_idle.lock().unwrap_or_else(|e| e.into_inner());
+        match idle.iter().position(|k| k.id == id) {
+            Some(at) => {
+                idle.remove(at);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Closes the longest-idle kept-alive connection, whose slot passes to the caller; false
+    /// if no connection is idle.
+    fn evict_oldest(&self) -> bool {
+        let oldest = self
+            .kept_idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop_front();
+        match oldest {
+            Some(k) => {
+                let _ = k.socket.shutdown(Shutdown::Both);
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener) {
@@ -263,14 +320,18 @@ fn accept_until_closed(shared: &Arc<Shared>, listener: &TcpListener) {
     }
 }
 
-/// Serves `stream` on a thread of its own, or refuses it if `--max-connections` are open.
+/// Serves `stream` on a thread of its own. With `--max-connections` open, it takes the slot of
+/// the longest-idle kept-alive connection (closed for it), or is refused if none is idle.
 fn admit(shared: &Arc<Shared>, stream: TcpStream) {
     let front = &shared.front;
     if front.open.load(Ordering::SeqCst) >= shared.limits.max_connections {
-        refuse_connection(shared, stream);
-        return;
+        if !shared.evict_oldest() {
+            refuse_connection(shared, stream);
+            return;
+        }
+    } else {
+        front.open.fetch_add(1, Ordering::SeqCst);
     }
-    front.open.fetch_add(1, Ordering::SeqCst);
     // A thread that finished its last connection takes this one if there is one: reserving it
     // first makes sure some idle thread is still there to receive it.
     if take_one(&shared.idle) {
@@ -295,8 +356,9 @@ fn admit(shared: &Arc<Shared>, stream: TcpStream) {
 fn connection_thread(shared: &Shared, first: TcpStream) {
     let mut stream = first;
     loop {
-        serve_connection(shared, stream);
-        shared.front.open.fetch_sub(1, Ordering::SeqCst);
+        if serve_connection(shared, stream) == Slot::Own {
+            shared.front.open.fetch_sub(1, Ordering::SeqCst);
+        }
         shared.idle.fetch_add(1, Ordering::SeqCst);
         stream = loop {
             match shared.handoff.1.recv_timeout(IDLE_THREAD) {
@@ -352,7 +414,16 @@ fn refuse_connection(shared: &Shared, stream: TcpStream) {
     );
 }
 
-fn serve_connection(shared: &Shared, stream: TcpStream) {
+/// Whose slot in the count of open connections a finished connection held.
+#[derive(Debug, PartialEq)]
+enum Slot {
+    /// Its own: it is given back now.
+    Own,
+    /// Passed to a new connection that evicted this one while it was idle.
+    Given,
+}
+
+fn serve_connection(shared: &Shared, stream: TcpStream) -> Slot {
     let limits = &shared.limits;
     let mut started = Instant::now();
     let _ = stream.set_nodelay(true);
@@ -364,12 +435,17 @@ fn serve_connection(shared: &Shared, stream: TcpStream) {
         closed_at: shared.front.closed_at.clone(),
     };
     if !conn.wait_for_first_byte() {
-        return;
+        return Slot::Own;
     }
     for served in 1.. {
+        // A previous answer may have left the write timeout at the end of its own budget.
+        let _ = conn.stream.set_write_timeout(Some(limits.socket_timeout));
         let request = match read_request(&mut conn, limits.max_body, started) {
             Ok(request) => request,
-            Err(refusal) => return refuse(shared, &mut conn, refusal, started),
+            Err(refusal) => {
+                refuse(shared, &mut conn, refusal, started);
+                return Slot::Own;
+            }
         };
         // A further request on a kept-alive connection after the listener closed: the drain
         // serves only what was in flight, and this one was not.
@@ -380,21 +456,30 @@ fn serve_connection(shared: &Shared, stream: TcpStream) {
                 method: request.method,
                 path: http::split_target(&request.target).0.to_string(),
             };
-            return refuse(shared, &mut conn, refusal, started);
+            refuse(shared, &mut conn, refusal, started);
+            return Slot::Own;
         }
         let keep = keep_alive(shared, &conn, &request, served);
         if !forward(shared, &mut conn, request, keep) {
-            return;
+            return Slot::Own;
         }
         // Kept alive: wait up to --socket-timeout for the next request, which then has a
-        // deadline of its own.
+        // deadline of its own. Meanwhile a new connection may take this one's slot: then its
+        // socket is shut and the wait ends (a request that arrived at that very moment is
+        // lost with the connection, as with any server that closes idle connections).
         conn.deadline = Instant::now() + limits.socket_timeout;
-        if !conn.wait_for_first_byte() {
-            return;
+        let parked = shared.park(&conn.stream);
+        let woken = conn.wait_for_first_byte();
+        if !shared.unpark(parked) {
+            return Slot::Given;
+        }
+        if !woken {
+            return Slot::Own;
         }
         started = Instant::now();
         conn.deadline = started + limits.socket_timeout;
     }
+    Slot::Own
 }
 
 /// Whether the answer to `request` keeps its connection open for another. Only while that
@@ -580,15 +665,22 @@ impl Relay<'_> {
             if let Some((head, body_len)) = kept {
                 let (rewritten, expected) = body_len;
                 self.write(&rewritten)?;
-                let mut body = buf.len() - head;
-                self.write(&buf[head..])?;
+                // Never more than the head announced: surplus bytes would reach the client as the
+                // start of its next answer. An answer that breaks its framing closes.
+                let mut body = 0;
+                let mut next = &buf[head..];
                 loop {
+                    let allowed = expected - body;
+                    self.write(&next[..next.len().min(allowed)])?;
+                    if next.len() > allowed {
+                        return Ok(false);
+                    }
+                    body += next.len();
                     let n = backend.read(&mut chunk)?;
                     if n == 0 {
                         return Ok(body == expected);
                     }
-                    body += n;
-                    self.write(&chunk[..n])?;
+                    next = &chunk[..n];
                 }
             }
         }
@@ -668,6 +760,36 @@ fn kept_alive_head(head: &[u8], head_only: bool) -> Option<(Vec<u8>, usize)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn kept(head: &str, head_only: bool) -> Option<(String, usize)> {
+        kept_alive_head(head.as_bytes(), head_only).map(|(h, n)| (String::from_utf8(h).unwrap(), n))
+    }
+
+    #[test]
+    fn only_an_answer_framed_by_content_length_is_kept_alive() {
+        let ok = "HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nContent-Length: 12\r\nX-Request-Id: r1\r\nConnection: close\r\n\r\n";
+        let (head, body) = kept(ok, false).unwrap();
+        assert_eq!(
+            head,
+            "HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nContent-Length: 12\r\nX-Request-Id: r1\r\nConnection: keep-alive\r\n\r\n"
+        );
+        assert_eq!(body, 12);
+        // A HEAD answer, 204 and 304 carry no body whatever they announce.
+        assert_eq!(kept(ok, true).unwrap().1, 0);
+        let no_content = "HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n";
+        assert_eq!(kept(no_content, false).unwrap().1, 0);
+        // No length, a transfer coding, or a head that does not parse: passed through, closed.
+        assert!(kept("HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n", false).is_none());
+        assert!(
+            kept(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+                false
+            )
+            .is_none()
+        );
+        assert!(kept("HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", false).is_none());
+        assert!(kept("garbage\r\n\r\n", false).is_none());
+    }
 
     #[test]
     fn the_received_stamp_round_trips() {

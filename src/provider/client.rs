@@ -21,8 +21,10 @@ use crate::clock::Clock;
 use crate::metrics::Metrics;
 use crate::provider::breaker::{Breaker, BreakerConfig, Outcome, State, Transition};
 
-/// The size of ureq's read and write buffers per provider connection.
-const ANSWER_BUFFER: usize = 16 * 1024;
+/// The largest answer head accepted from the provider, and the size of ureq's read buffer.
+const ANSWER_HEAD_MAX: usize = 64 * 1024;
+/// The size of ureq's write buffer per provider connection.
+const REQUEST_BUFFER: usize = 16 * 1024;
 
 /// Resolves a provider URL whose host is an IP address in place. ureq's own resolver runs every
 /// lookup that has a timeout on a new thread — for a literal address too, once per new
@@ -167,10 +169,13 @@ impl ProviderClient {
             .max_idle_connections(pool)
             .max_idle_connections_per_host(pool)
             .timeout_connect(Some(connect_timeout))
-            // ureq's default buffers are 128 KiB each, zeroed for every new connection; an
-            // answer head never needs more than this, and the body is read in pieces.
-            .input_buffer_size(ANSWER_BUFFER)
-            .output_buffer_size(ANSWER_BUFFER)
+            // ureq's default buffers are 128 KiB each, allocated and zeroed for every new
+            // connection. Its read buffer must hold a whole answer head (ureq never grows it),
+            // so it stays as large as the head ureq accepts; requests are small and written
+            // in pieces.
+            .input_buffer_size(ANSWER_HEAD_MAX)
+            .max_response_header_size(ANSWER_HEAD_MAX)
+            .output_buffer_size(REQUEST_BUFFER)
             .user_agent("paytrace")
             .build();
         let agent = ureq::Agent::with_parts(

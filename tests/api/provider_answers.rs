@@ -246,3 +246,20 @@ fn a_body_with_a_duplicate_field_is_400_naming_it_and_charges_nothing() {
     assert!(fake.seen().is_empty(), "{:?}", fake.seen());
     assert!(serve.rows().is_empty());
 }
+
+#[test]
+fn a_confirmation_with_a_large_header_block_is_still_read() {
+    // 40 KiB of headers: far more than a provider sends, well within the 64 KiB accepted.
+    let fake = Fake::start(|r| {
+        let key = r.idempotency_key.clone().unwrap_or_default();
+        Canned {
+            status: 200,
+            headers: vec![format!("X-Pad: {}", "p".repeat(40 * 1024))],
+            body: charge(r, "succeeded", &key),
+        }
+    });
+    let serve = Serve::start(&["--provider-url", &fake.url]);
+    let r = pay(serve.url(), "big-head", &body(100));
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["status"], "succeeded");
+}
