@@ -156,7 +156,11 @@ fn payment_bytes(key: &str) -> Vec<u8> {
 /// Room for every request of a burst in the queue, no rate limit, and generous database slices:
 /// the burst tests are about connections, not about SQLite on a busy CI box.
 fn burst_server() -> Serve {
-    Serve::start(&[
+    burst_server_with(&[])
+}
+
+fn burst_server_with(extra: &[&str]) -> Serve {
+    let mut args = vec![
         "--queue",
         "512",
         "--rate-limit",
@@ -167,7 +171,9 @@ fn burst_server() -> Serve {
         "5s",
         "--acquire-timeout",
         "1s",
-    ])
+    ];
+    args.extend_from_slice(extra);
+    Serve::start(&args)
 }
 
 #[test]
@@ -275,22 +281,7 @@ fn one_connection_carries_many_requests_and_payments() {
 #[test]
 fn idle_kept_alive_connections_never_take_the_slots_new_clients_need() {
     let _serial = exclusive();
-    let serve = Serve::start(&[
-        "--max-connections",
-        "16",
-        "--socket-timeout",
-        "60s",
-        "--queue",
-        "512",
-        "--rate-limit",
-        "100000/s",
-        "--sync",
-        "normal",
-        "--request-timeout",
-        "5s",
-        "--acquire-timeout",
-        "1s",
-    ]);
+    let serve = burst_server_with(&["--max-connections", "16", "--socket-timeout", "60s"]);
     let addr = serve.proc.addr;
     // Twelve clients, one after another, each keeping its socket open and idle.
     let mut idle = Vec::new();
