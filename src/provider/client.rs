@@ -21,8 +21,9 @@ use crate::clock::Clock;
 use crate::metrics::Metrics;
 use crate::provider::breaker::{Breaker, BreakerConfig, Outcome, State, Transition};
 
-/// The largest answer head accepted from the provider, and the size of ureq's read buffer.
-const ANSWER_HEAD_MAX: usize = 64 * 1024;
+/// The largest answer head accepted from the provider (nginx's default for an upstream's is
+/// 4 or 8 KiB).
+const ANSWER_HEAD_MAX: usize = 16 * 1024;
 /// The size of ureq's write buffer per provider connection.
 const REQUEST_BUFFER: usize = 16 * 1024;
 
@@ -170,10 +171,11 @@ impl ProviderClient {
             .max_idle_connections_per_host(pool)
             .timeout_connect(Some(connect_timeout))
             // ureq's default buffers are 128 KiB each, allocated and zeroed for every new
-            // connection. Its read buffer must hold a whole answer head (ureq never grows it),
-            // so it stays as large as the head ureq accepts; requests are small and written
-            // in pieces.
-            .input_buffer_size(ANSWER_HEAD_MAX)
+            // connection: with hundreds of calls in flight that was most of the server's
+            // memory. Its read buffer must hold a whole answer head (ureq never grows it); one
+            // a little larger than the head accepted makes an over-long head the error that
+            // says so, instead of a "disconnected". Requests are small and written in pieces.
+            .input_buffer_size(ANSWER_HEAD_MAX + 1024)
             .max_response_header_size(ANSWER_HEAD_MAX)
             .output_buffer_size(REQUEST_BUFFER)
             .user_agent("paytrace")

@@ -248,18 +248,25 @@ fn a_body_with_a_duplicate_field_is_400_naming_it_and_charges_nothing() {
 }
 
 #[test]
-fn a_confirmation_with_a_large_header_block_is_still_read() {
-    // 40 KiB of headers: far more than a provider sends, well within the 64 KiB accepted.
+fn an_answer_head_over_16_kib_is_refused_as_too_large_and_one_under_it_is_read() {
+    // 12 KiB of headers is read; 40 KiB is not, and says why: the payment stays pending, as
+    // for any answer that cannot be read after the charge was sent.
     let fake = Fake::start(|r| {
         let key = r.idempotency_key.clone().unwrap_or_default();
+        let kib = if r.body["amount"] == 100 { 12 } else { 40 };
         Canned {
             status: 200,
-            headers: vec![format!("X-Pad: {}", "p".repeat(40 * 1024))],
+            headers: vec![format!("X-Pad: {}", "p".repeat(kib * 1024))],
             body: charge(r, "succeeded", &key),
         }
     });
     let serve = Serve::start(&["--provider-url", &fake.url]);
-    let r = pay(serve.url(), "big-head", &body(100));
+    let r = pay(serve.url(), "head-12k", &body(100));
     assert_eq!(r.status, 201, "{}", r.body);
-    assert_eq!(r.body["status"], "succeeded");
+    let r = pay(serve.url(), "head-40k", &body(200));
+    assert_eq!(r.status, 502, "{}", r.body);
+    assert_eq!(r.body["code"], "provider-error");
+    assert_eq!(r.body["payment"]["status"], "pending", "{}", r.body);
+    let detail = r.body["detail"].as_str().unwrap_or("");
+    assert!(detail.contains("header"), "{detail}");
 }
