@@ -49,7 +49,12 @@ fn a_failing_provider_opens_the_breaker_then_trial_calls_close_it() {
     let opened = Instant::now();
     let before = requests(&provider);
     assert_eq!(before, 10);
-    for i in 0..50 {
+    // Up to 50 payments while the breaker is surely still open: on a machine busy enough
+    // that 50 payments take longer than the 1 s open period, the rest would be trials.
+    let mut sent = 0;
+    while sent < 50 && opened.elapsed() < Duration::from_millis(500) {
+        let i = sent;
+        sent += 1;
         let r = pay(serve.url(), &format!("o-{i}"), &body(100));
         assert_eq!(r.status, 503, "{}", r.body);
         assert_eq!(r.body["code"], "provider-unavailable");
@@ -71,6 +76,7 @@ fn a_failing_provider_opens_the_breaker_then_trial_calls_close_it() {
             r.elapsed
         );
     }
+    assert!(sent > 0, "no payment was sent while the breaker was open");
     assert_eq!(requests(&provider), before, "nothing was sent while open");
 
     // Faults cleared, slow enough that the trials are in flight together: of 10 payments
