@@ -673,7 +673,15 @@ mod tests {
             })
             .unwrap();
         assert_eq!(n, 9, "every write but the failing one committed");
-        let sizes = sizes.lock().unwrap().clone();
+        // A batch is reported after its answers are sent: wait for the report.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let sizes = loop {
+            let sizes = sizes.lock().unwrap().clone();
+            if sizes.len() >= 3 || std::time::Instant::now() > deadline {
+                break sizes;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
         assert_eq!(sizes.get(1), Some(&1), "the blocker alone: {sizes:?}");
         assert_eq!(
             sizes.get(2),
