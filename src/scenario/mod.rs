@@ -1,0 +1,217 @@
+//! `paytrace scenario`: watch the units fail together. Each scenario starts its own
+//! `paytrace provider` and `paytrace serve` (this same binary, free loopback ports, a temporary
+//! database), drives closed-loop load with fresh idempotency keys, injects one failure through
+//! the provider's run-time fault control (`PUT /_control/faults`) at a fixed moment, removes it
+//! later, and prints what happened three ways:
+//!
+//! - a **timeline** ([`report::Row`]), one row per 250 ms: what the clients were answered and
+//!   what `/metrics` said at that moment;
+//! - the **story** ([`report::story`]): which unit reacted first and how its reaction became
+//!   the next unit's input, read off the timeline;
+//! - the **invariants** ([`report::check_invariants`]), checked against the provider's
+//!   `/v1/stats` and the SQLite file (read-only, after the server stopped).
+//!
+//! Where the runs happen: [`drive`]. The catalogue is [`catalogue`]; `list` prints it.
+
+mod drive;
+mod report;
+
+use std::time::Duration;
+
+use clap::Args;
+use serde_json::{Value, json};
+
+#[derive(Args, Clone, Debug)]
+pub struct ScenarioConfig {
+    /// `list`, or the scenario to run (see `paytrace scenario list`).
+    #[arg(env = "PAYTRACE_SCENARIO")]
+    pub name: String,
+    /// How long the load runs (each half, for a scenario with two halves) [default: the
+    /// scenario's own, at most 12s]. The failure starts at 20% of it and ends at 60%.
+    #[arg(long, env = "PAYTRACE_SCENARIO_DURATION", value_parser = crate::config::parse_positive_duration)]
+    pub duration: Option<Duration>,
+    /// Seeds the provider's fault draws and the clients' amounts and keys.
+    #[arg(long, env = "PAYTRACE_SCENARIO_SEED", default_value_t = 1)]
+    pub seed: u64,
+    /// Print the timeline, the story and the invariants as one JSON object.
+    #[arg(long, env = "PAYTRACE_SCENARIO_JSON")]
+    pub json: bool,
+}
+
+/// One run of a scenario: a server started with `serve_args` beside a provider whose base
+/// latency is `base_latency_ms`, the fault `fault` applied at 20% of the run and `recover`
+/// applied at 60%.
+#[derive(Clone, Debug)]
+pub(crate) struct Run {
+    /// Names the run when a scenario has more than one (`nested`, `unnested`).
+    pub label: &'static str,
+    pub serve_args: Vec<String>,
+    pub base_latency_ms: u64,
+    /// The body of `PUT /_control/faults` that starts the failure.
+    pub fault: Value,
+    /// The body that ends it.
+    pub recover: Value,
+    /// The failure in words, for the story.
+    pub fault_text: String,
+    /// Closed-loop clients.
+    pub clients: usize,
+    /// The server's request budget, to count answers that came at or after it.
+    pub request_timeout: Duration,
+}
+
+pub(crate) struct Scenario {
+    pub name: &'static str,
+    pub summary: &'static str,
+    pub default_duration: Duration,
+    pub runs: Vec<Run>,
+}
+
+fn args(list: &[&str]) -> Vec<String> {
+    // No rate limit in the way, and `--sync normal` so fsyncs do not set the pace on a small
+    // machine: these scenarios are about the provider and the budget.
+    let mut v: Vec<String> = ["--rate-limit", "1000000/s", "--sync", "normal"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    v.extend(list.iter().map(|s| s.to_string()));
+    v
+}
+
+/// Every scenario that exists, in the order `list` prints them.
+pub(crate) fn catalogue() -> Vec<Scenario> {
+    let secs = Duration::from_secs;
+    vec![
+        Scenario {
+            name: "provider-outage",
+            summary: "the provider fails every call for a while: 502s, the breaker opens (503 at once), half-opens, closes after recovery",
+            default_duration: secs(12),
+            runs: vec![Run {
+                label: "outage",
+                // A 1 s open period instead of 5 s, so one run shows several half-open trials.
+                serve_args: args(&["--breaker-open", "1s"]),
+                base_latency_ms: 20,
+                fault: json!({"fail_rate": 1.0}),
+                recover: json!({"fail_rate": 0.0}),
+                fault_text: "provider fails every call (500)".into(),
+                clients: 8,
+                request_timeout: secs(3),
+            }],
+        },
+        Scenario {
+            name: "provider-brownout",
+            summary: "provider latency x20 (40 ms -> 800 ms) for a while, then recovery: slow calls open the breaker",
+            default_duration: secs(12),
+            runs: vec![Run {
+                label: "brownout",
+                serve_args: args(&["--breaker-open", "2s"]),
+                base_latency_ms: 40,
+                fault: json!({"latency_ms": 800}),
+                recover: json!({"latency_ms": 40}),
+                fault_text: "provider latency x20 (40 ms -> 800 ms)".into(),
+                clients: 8,
+                request_timeout: secs(3),
+            }],
+        },
+        Scenario {
+            name: "unnested-budget",
+            summary: "the same deep brownout twice: nested budgets (provider 1s in a 3s request) vs provider timeout = request timeout",
+            default_duration: secs(10),
+            runs: vec![
+                Run {
+                    label: "nested",
+                    serve_args: args(&["--request-timeout", "3s", "--provider-timeout", "1s"]),
+                    base_latency_ms: 40,
+                    fault: json!({"latency_ms": 5000}),
+                    recover: json!({"latency_ms": 40}),
+                    fault_text: "provider latency 40 ms -> 5 s".into(),
+                    clients: 8,
+                    request_timeout: secs(3),
+                },
+                Run {
+                    label: "unnested",
+                    serve_args: args(&[
+                        "--request-timeout",
+                        "3s",
+                        "--provider-timeout",
+                        "3s",
+                        "--unnested-budget",
+                    ]),
+                    base_latency_ms: 40,
+                    fault: json!({"latency_ms": 5000}),
+                    recover: json!({"latency_ms": 40}),
+                    fault_text: "provider latency 40 ms -> 5 s".into(),
+                    clients: 8,
+                    request_timeout: secs(3),
+                },
+            ],
+        },
+    ]
+}
+
+/// Runs `paytrace scenario …`; the exit code: 0 when every invariant held, 1 when one failed or
+/// the run could not be made, 2 for an unknown name.
+pub fn run(config: ScenarioConfig) -> u8 {
+    let all = catalogue();
+    if config.name == "list" {
+        let width = all.iter().map(|s| s.name.len()).max().unwrap_or(0);
+        for s in &all {
+            println!("{:width$}  {}", s.name, s.summary);
+        }
+        return 0;
+    }
+    let Some(scenario) = all.into_iter().find(|s| s.name == config.name) else {
+        eprintln!(
+            "paytrace scenario: unknown scenario {:?}; `paytrace scenario list` names them",
+            config.name
+        );
+        return 2;
+    };
+    let duration = config.duration.unwrap_or(scenario.default_duration);
+    let mut results = Vec::new();
+    for (i, run) in scenario.runs.iter().enumerate() {
+        if !config.json {
+            eprintln!(
+                "paytrace scenario {}: run {} ({}), {:.1}s ...",
+                scenario.name,
+                run.label,
+                run.fault_text,
+                duration.as_secs_f64()
+            );
+        }
+        match drive::execute(run, duration, config.seed.wrapping_add(i as u64)) {
+            Ok(result) => results.push(result),
+            Err(e) => {
+                eprintln!("paytrace scenario {}: {e}", scenario.name);
+                return 1;
+            }
+        }
+    }
+    let all_held = results.iter().all(|r| r.invariants.iter().all(|i| i.held));
+    if config.json {
+        let runs: Vec<Value> = results.iter().map(report::to_json).collect();
+        println!(
+            "{}",
+            json!({
+                "scenario": scenario.name,
+                "duration_s": duration.as_secs_f64(),
+                "seed": config.seed,
+                "runs": runs,
+                "comparison": report::comparison(&results),
+                "invariants_held": all_held,
+            })
+        );
+    } else {
+        for r in &results {
+            report::print(scenario.name, r);
+        }
+        if let Some(lines) = report::comparison(&results).as_array()
+            && !lines.is_empty()
+        {
+            println!("side by side:");
+            for l in lines {
+                println!("  {}", l.as_str().unwrap_or_default());
+            }
+        }
+    }
+    if all_held { 0 } else { 1 }
+}

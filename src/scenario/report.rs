@@ -1,0 +1,526 @@
+//! What a run shows: the timeline (one row per 250 ms), the story read off it, and the
+//! invariants checked at the end.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags};
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use super::drive::{Answer, Sample, TICK};
+
+pub(crate) struct RunResult {
+    pub label: &'static str,
+    pub fault_text: String,
+    /// When the fault was applied and removed, seconds since the load started.
+    pub fault_t: f64,
+    pub recover_t: f64,
+    pub duration: f64,
+    pub request_timeout: Duration,
+    pub answers: Vec<Answer>,
+    pub samples: Vec<Sample>,
+    pub invariants: Vec<Invariant>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct Invariant {
+    pub name: &'static str,
+    pub held: bool,
+    pub detail: String,
+}
+
+/// One 250 ms slice of the run.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct Row {
+    /// The end of the slice, seconds since the load started.
+    pub t: f64,
+    /// Requests sent in the slice.
+    pub offered: usize,
+    /// Answers received in the slice, by status (and problem code).
+    pub answered: BTreeMap<String, usize>,
+    /// Median latency of the slice's answers, ms.
+    pub median_ms: Option<f64>,
+    /// p99 of every answer received so far, ms.
+    pub p99_so_far_ms: Option<f64>,
+    pub queue_depth: f64,
+    pub workers_busy: f64,
+    /// 0 closed, 1 open, 2 half-open (`paytrace_breaker_state`).
+    pub breaker: f64,
+    pub writer_queue: f64,
+    /// Requests shed in the slice (`paytrace_requests_shed_total`, all reasons).
+    pub shed: f64,
+    /// Pool acquisitions that timed out so far (`paytrace_db_acquire_timeouts_total`).
+    pub acquire_timeouts: f64,
+}
+
+fn quantile(sorted: &[f64], q: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let i = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1;
+    Some((sorted[i] * 10.0).round() / 10.0)
+}
+
+fn sorted_latencies<'a>(answers: impl Iterator<Item = &'a Answer>) -> Vec<f64> {
+    let mut v: Vec<f64> = answers.map(Answer::latency_ms).collect();
+    v.sort_by(f64::total_cmp);
+    v
+}
+
+pub(crate) fn timeline(r: &RunResult) -> Vec<Row> {
+    let tick = TICK.as_secs_f64();
+    let slices = (r.duration / tick).ceil() as usize;
+    let mut rows = Vec::with_capacity(slices);
+    let mut previous_shed = 0.0;
+    for i in 0..slices {
+        let (from, to) = (i as f64 * tick, (i + 1) as f64 * tick);
+        let within: Vec<&Answer> = r
+            .answers
+            .iter()
+            .filter(|a| a.done >= from && a.done < to)
+            .collect();
+        let mut answered = BTreeMap::new();
+        for a in &within {
+            *answered.entry(a.label()).or_insert(0) += 1;
+        }
+        let so_far = sorted_latencies(r.answers.iter().filter(|a| a.done < to));
+        let sample = r
+            .samples
+            .iter()
+            .filter(|s| s.t <= to + 0.01)
+            .last()
+            .cloned()
+            .unwrap_or_default();
+        rows.push(Row {
+            t: to,
+            offered: r
+                .answers
+                .iter()
+                .filter(|a| a.sent >= from && a.sent < to)
+                .count(),
+            answered,
+            median_ms: quantile(&sorted_latencies(within.iter().copied()), 0.5),
+            p99_so_far_ms: quantile(&so_far, 0.99),
+            queue_depth: sample.queue_depth,
+            workers_busy: sample.workers_busy,
+            breaker: sample.breaker_state,
+            writer_queue: sample.writer_queue,
+            shed: (sample.shed - previous_shed).max(0.0),
+            acquire_timeouts: sample.acquire_timeouts,
+        });
+        previous_shed = sample.shed;
+    }
+    rows
+}
+
+/// The moments the story is made of, measured on the run.
+#[derive(Clone, Debug, Default, Serialize)]
+pub(crate) struct Facts {
+    /// The first answer received after the fault that was not a 201.
+    pub first_failure: Option<(f64, String, f64)>,
+    /// The breaker's first opening after the fault (first sample that saw it), s.
+    pub breaker_opened: Option<f64>,
+    pub breaker_half_opened: Option<f64>,
+    /// Closed again after having opened, s.
+    pub breaker_closed: Option<f64>,
+    pub openings: f64,
+    /// What the clients got before the breaker opened (the answers that made it open):
+    /// (label, median ms).
+    pub before_open: Option<(String, f64)>,
+    /// Median ms of the 503 provider-unavailable answers while it was open.
+    pub rejected_median_ms: Option<f64>,
+    pub rejected: usize,
+    /// Answers that came within 100 ms of the request's deadline, or after it.
+    pub near_deadline: usize,
+    /// Answers that came after the request's deadline.
+    pub after_deadline: usize,
+    /// p99 of the answers received between the fault and the recovery, ms.
+    pub fault_p99_ms: Option<f64>,
+    pub first_201_after_recovery: Option<f64>,
+    pub shed_queue_full: f64,
+    /// The first 201 after the fault that took over three times the median 201 before it:
+    /// (when, ms, the median before).
+    pub first_slow_201: Option<(f64, f64, f64)>,
+}
+
+fn most_common<'a>(answers: impl Iterator<Item = &'a Answer>) -> Option<(String, f64)> {
+    let mut by: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for a in answers {
+        by.entry(a.label()).or_default().push(a.latency_ms());
+    }
+    let (label, mut v) = by.into_iter().max_by_key(|(_, v)| v.len())?;
+    v.sort_by(f64::total_cmp);
+    Some((label, quantile(&v, 0.5)?))
+}
+
+pub(crate) fn facts(r: &RunResult) -> Facts {
+    let after_fault = |t: f64| t >= r.fault_t;
+    let first_sample = |p: &dyn Fn(&Sample) -> bool| {
+        r.samples
+            .iter()
+            .find(|s| after_fault(s.t) && p(s))
+            .map(|s| s.t)
+    };
+    let base = r.samples.first().cloned().unwrap_or_default();
+    // The samples are 250 ms apart; the clients see the opening first: their first
+    // 503 provider-unavailable (nothing sent) once the samples confirm an opening.
+    let breaker_opened =
+        first_sample(&|s| s.breaker_state == 1.0 || s.to_open > base.to_open).map(|sampled| {
+            r.answers
+                .iter()
+                .find(|a| after_fault(a.sent) && a.code.as_deref() == Some("provider-unavailable"))
+                .map_or(sampled, |a| a.done.min(sampled))
+        });
+    let breaker_half_opened =
+        first_sample(&|s| s.breaker_state == 2.0 || s.to_half_open > base.to_half_open);
+    let breaker_closed = breaker_opened.and_then(|opened| {
+        r.samples
+            .iter()
+            .find(|s| s.t > opened && s.breaker_state == 0.0 && s.to_closed > base.to_closed)
+            .map(|s| s.t)
+    });
+    let last = r.samples.last().cloned().unwrap_or_default();
+    let first_failure = r
+        .answers
+        .iter()
+        .find(|a| after_fault(a.sent) && a.status != 201)
+        .map(|a| (a.done, a.label(), a.latency_ms()));
+    let before_open = breaker_opened.and_then(|opened| {
+        most_common(
+            r.answers
+                .iter()
+                .filter(|a| after_fault(a.sent) && a.done < opened),
+        )
+    });
+    let rejected: Vec<&Answer> = r
+        .answers
+        .iter()
+        .filter(|a| a.code.as_deref() == Some("provider-unavailable"))
+        .collect();
+    let deadline_ms = r.request_timeout.as_secs_f64() * 1000.0;
+    Facts {
+        first_failure,
+        breaker_opened,
+        breaker_half_opened,
+        breaker_closed,
+        openings: last.to_open - base.to_open,
+        before_open,
+        rejected_median_ms: quantile(&sorted_latencies(rejected.iter().copied()), 0.5),
+        rejected: rejected.len(),
+        near_deadline: r
+            .answers
+            .iter()
+            .filter(|a| a.latency_ms() >= deadline_ms - 100.0)
+            .count(),
+        after_deadline: r
+            .answers
+            .iter()
+            .filter(|a| a.latency_ms() > deadline_ms)
+            .count(),
+        fault_p99_ms: quantile(
+            &sorted_latencies(
+                r.answers
+                    .iter()
+                    .filter(|a| a.done >= r.fault_t && a.done < r.recover_t),
+            ),
+            0.99,
+        ),
+        first_201_after_recovery: r
+            .answers
+            .iter()
+            .find(|a| a.sent >= r.recover_t && a.status == 201)
+            .map(|a| a.done),
+        shed_queue_full: last.shed_queue_full - base.shed_queue_full,
+        first_slow_201: quantile(
+            &sorted_latencies(
+                r.answers
+                    .iter()
+                    .filter(|a| a.done < r.fault_t && a.status == 201),
+            ),
+            0.5,
+        )
+        .and_then(|before| {
+            r.answers
+                .iter()
+                .find(|a| after_fault(a.sent) && a.status == 201 && a.latency_ms() > 3.0 * before)
+                .map(|a| (a.done, a.latency_ms(), before))
+        }),
+    }
+}
+
+/// The chain of reactions, in the order they happened, each link one unit's reaction.
+pub(crate) fn story(r: &RunResult) -> Vec<String> {
+    let f = facts(r);
+    let mut links: Vec<(f64, String)> =
+        vec![(r.fault_t, format!("{} at {:.2} s", r.fault_text, r.fault_t))];
+    if let Some((t, ms, before)) = f.first_slow_201 {
+        links.push((
+            t,
+            format!("slow calls: first slow 201 at {t:.2} s ({ms:.0} ms, was {before:.0} ms)"),
+        ));
+    }
+    if let Some((t, label, ms)) = &f.first_failure {
+        links.push((*t, format!("first {label} at {t:.2} s (after {ms:.0} ms)")));
+    }
+    match f.breaker_opened {
+        Some(t) => {
+            let mut link = format!("breaker open at {t:.2} s");
+            if let Some(ms) = f.rejected_median_ms {
+                link.push_str(&format!(
+                    " → 503 provider-unavailable in ~{ms:.0} ms ({} answers, nothing sent)",
+                    f.rejected
+                ));
+                if let Some((label, before)) = &f.before_open {
+                    link.push_str(&format!(" instead of {label} after ~{before:.0} ms"));
+                }
+            }
+            links.push((t, link));
+        }
+        None => links.push((r.duration, "the breaker never opened".into())),
+    }
+    if let Some(t) = f.breaker_half_opened {
+        links.push((
+            t,
+            format!("half-open at {t:.2} s (opened {}x in all)", f.openings),
+        ));
+    }
+    if f.shed_queue_full > 0.0 {
+        links.push((
+            r.duration,
+            format!(
+                "{} requests shed with the worker queue full (unit 03)",
+                f.shed_queue_full
+            ),
+        ));
+    }
+    links.push((
+        r.recover_t,
+        format!("provider recovered at {:.2} s", r.recover_t),
+    ));
+    if let Some(t) = f.breaker_closed {
+        links.push((t, format!("breaker closed at {t:.2} s")));
+    }
+    if let Some(t) = f.first_201_after_recovery {
+        links.push((t, format!("201s again from {t:.2} s")));
+    }
+    if f.near_deadline > 0 {
+        links.push((
+            r.duration,
+            format!(
+                "{} answers came within 100 ms of the {} ms deadline or after it ({} after it)",
+                f.near_deadline,
+                r.request_timeout.as_millis(),
+                f.after_deadline
+            ),
+        ));
+    }
+    links.sort_by(|a, b| a.0.total_cmp(&b.0));
+    links.into_iter().map(|(_, text)| text).collect()
+}
+
+pub(crate) fn open_read_only(db: &Path) -> Result<Connection, String> {
+    Connection::open_with_flags(
+        db,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| format!("cannot open {} read-only: {e}", db.display()))
+}
+
+fn count(conn: &Connection, sql: &str) -> Result<i64, String> {
+    conn.query_row(sql, [], |r| r.get(0))
+        .map_err(|e| format!("{sql}: {e}"))
+}
+
+/// The four invariants, against the database file (the server has stopped) and the
+/// provider's `/v1/stats`; `exit` is the server's exit code after SIGTERM.
+pub(crate) fn check_invariants(
+    db: &Path,
+    answers: &[Answer],
+    stats: &Value,
+    settled_after: Duration,
+    exit: Option<i32>,
+) -> Result<Vec<Invariant>, String> {
+    let conn = open_read_only(db)?;
+    let mut out = Vec::new();
+
+    let shared = count(
+        &conn,
+        "SELECT COUNT(*) FROM (SELECT payment_id FROM idempotency_keys GROUP BY payment_id HAVING COUNT(*) > 1)",
+    )?;
+    let keyless = count(
+        &conn,
+        "SELECT COUNT(*) FROM payments WHERE id NOT IN (SELECT payment_id FROM idempotency_keys)",
+    )?;
+    let mut ids_per_key: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+    for a in answers {
+        if let Some(id) = &a.id {
+            ids_per_key.entry(&a.key).or_default().insert(id);
+        }
+    }
+    let two_ids = ids_per_key.values().filter(|ids| ids.len() > 1).count();
+    out.push(Invariant {
+        name: "no key with two payments",
+        held: shared == 0 && keyless == 0 && two_ids == 0,
+        detail: format!(
+            "{} keys; payments sharing a key {shared}, without a key {keyless}; keys a client saw two ids for {two_ids}",
+            count(&conn, "SELECT COUNT(*) FROM idempotency_keys")?
+        ),
+    });
+
+    let succeeded = count(
+        &conn,
+        "SELECT COUNT(*) FROM payments WHERE status = 'succeeded'",
+    )?;
+    let charged = stats["succeeded"].as_i64().unwrap_or(-1);
+    out.push(Invariant {
+        name: "provider charges == succeeded payments",
+        held: charged == succeeded,
+        detail: format!(
+            "provider succeeded charges {charged}, succeeded payments {succeeded} (provider requests {}, replays {})",
+            stats["requests"], stats["replays"]
+        ),
+    });
+
+    let mut missing = 0;
+    let mut seen = 0;
+    let mut lookup = conn
+        .prepare("SELECT COUNT(*) FROM payments WHERE id = ?1 AND status = 'succeeded'")
+        .map_err(|e| e.to_string())?;
+    for a in answers.iter().filter(|a| a.status == 201) {
+        seen += 1;
+        let found: i64 = match &a.id {
+            Some(id) => lookup
+                .query_row([id], |r| r.get(0))
+                .map_err(|e| e.to_string())?,
+            None => 0,
+        };
+        if found != 1 {
+            missing += 1;
+        }
+    }
+    out.push(Invariant {
+        name: "every 201 a client saw is stored",
+        held: missing == 0,
+        detail: format!("{seen} answers 201, {missing} not stored as succeeded with that id"),
+    });
+
+    let left = count(
+        &conn,
+        "SELECT COUNT(*) FROM payments WHERE status IN ('processing','pending')",
+    )?;
+    out.push(Invariant {
+        name: "nothing left processing or pending",
+        held: left == 0,
+        detail: format!(
+            "{left} left, {:.1} s after the load stopped (server exit code {})",
+            settled_after.as_secs_f64(),
+            exit.map_or("none: killed".into(), |c| c.to_string())
+        ),
+    });
+    Ok(out)
+}
+
+fn breaker_name(state: f64) -> &'static str {
+    match state as i64 {
+        0 => "closed",
+        1 => "open",
+        2 => "half-open",
+        _ => "?",
+    }
+}
+
+pub(crate) fn print(scenario: &str, r: &RunResult) {
+    println!("== {scenario} ({}) ==", r.label);
+    println!(
+        "{:>6} {:>7} {:>5}  {:<44} {:>8} {:>8} {:>4} {:>5} {:<9} {:>6} {:>5}",
+        "t s",
+        "offered",
+        "201",
+        "other answers",
+        "median",
+        "p99 sofar",
+        "busy",
+        "queue",
+        "breaker",
+        "writer",
+        "shed"
+    );
+    for row in timeline(r) {
+        let others: Vec<String> = row
+            .answered
+            .iter()
+            .filter(|(k, _)| k.as_str() != "201")
+            .map(|(k, v)| format!("{k}:{v}"))
+            .collect();
+        let ms = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.0}ms"));
+        println!(
+            "{:>6.2} {:>7} {:>5}  {:<44} {:>8} {:>9} {:>4} {:>5} {:<9} {:>6} {:>5}",
+            row.t,
+            row.offered,
+            row.answered.get("201").copied().unwrap_or(0),
+            others.join(" "),
+            ms(row.median_ms),
+            ms(row.p99_so_far_ms),
+            row.workers_busy,
+            row.queue_depth,
+            breaker_name(row.breaker),
+            row.writer_queue,
+            row.shed
+        );
+    }
+    println!("story: {}", story(r).join(" → "));
+    for i in &r.invariants {
+        println!(
+            "invariant {}: {} — {}",
+            if i.held { "held" } else { "FAILED" },
+            i.name,
+            i.detail
+        );
+    }
+}
+
+pub(crate) fn to_json(r: &RunResult) -> Value {
+    json!({
+        "label": r.label,
+        "fault": r.fault_text,
+        "fault_at_s": r.fault_t,
+        "recovered_at_s": r.recover_t,
+        "timeline": timeline(r),
+        "facts": facts(r),
+        "story": story(r),
+        "invariants": r.invariants,
+    })
+}
+
+/// For a scenario with two runs: one line per measure, both runs side by side.
+pub(crate) fn comparison(results: &[RunResult]) -> Value {
+    if results.len() < 2 {
+        return json!([]);
+    }
+    let facts: Vec<(&str, Facts)> = results.iter().map(|r| (r.label, facts(r))).collect();
+    let line = |what: &str, f: &dyn Fn(&Facts) -> String| {
+        let parts: Vec<String> = facts
+            .iter()
+            .map(|(label, x)| format!("{label} {}", f(x)))
+            .collect();
+        json!(format!("{what}: {}", parts.join(" | ")))
+    };
+    let secs = |t: Option<f64>| t.map_or("never".into(), |t| format!("at {t:.2} s"));
+    json!([
+        line("answers within 100 ms of the deadline or after it", &|x| x
+            .near_deadline
+            .to_string()),
+        line("answers after the deadline", &|x| x
+            .after_deadline
+            .to_string()),
+        line("p99 while the provider was slow", &|x| x
+            .fault_p99_ms
+            .map_or("-".into(), |v| format!("{v:.0} ms"))),
+        line("breaker opened", &|x| secs(x.breaker_opened)),
+        line("503 provider-unavailable answers", &|x| x
+            .rejected
+            .to_string()),
+    ])
+}
