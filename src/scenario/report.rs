@@ -136,7 +136,7 @@ pub(crate) struct Facts {
     pub near_deadline: usize,
     /// Answers that came after the request's deadline.
     pub after_deadline: usize,
-    /// p99 of the answers received between the fault and the recovery, ms.
+    /// p99 of the requests sent between the fault and the recovery, ms.
     pub fault_p99_ms: Option<f64>,
     pub first_201_after_recovery: Option<f64>,
     pub shed_queue_full: f64,
@@ -223,7 +223,7 @@ pub(crate) fn facts(r: &RunResult) -> Facts {
             &sorted_latencies(
                 r.answers
                     .iter()
-                    .filter(|a| a.done >= r.fault_t && a.done < r.recover_t),
+                    .filter(|a| a.sent >= r.fault_t && a.sent < r.recover_t),
             ),
             0.99,
         ),
@@ -515,7 +515,7 @@ pub(crate) fn comparison(results: &[RunResult]) -> Value {
         line("answers after the deadline", &|x| x
             .after_deadline
             .to_string()),
-        line("p99 while the provider was slow", &|x| x
+        line("p99 of requests sent during the fault", &|x| x
             .fault_p99_ms
             .map_or("-".into(), |v| format!("{v:.0} ms"))),
         line("breaker opened", &|x| secs(x.breaker_opened)),
