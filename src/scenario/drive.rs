@@ -13,60 +13,13 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
-use super::Run;
-use super::report::{self, RunResult};
+use super::model::{Answer, Run, RunResult, Sample, TICK};
+use super::report;
 use crate::bench::{Proc, spawn};
 use crate::config::DEV_API_KEY;
 
-/// The timeline's resolution.
-pub(crate) const TICK: Duration = Duration::from_millis(250);
 /// How long, after the load stopped, the reconciler has to settle what is left.
 const SETTLE_WITHIN: Duration = Duration::from_secs(20);
-
-/// What one client saw of one request. Times are seconds since the load started.
-#[derive(Clone, Debug)]
-pub(crate) struct Answer {
-    pub sent: f64,
-    pub done: f64,
-    /// 0 when there was no HTTP answer at all (connection refused, client timeout).
-    pub status: u16,
-    /// The problem's `code`, and for a 504 its `step`.
-    pub code: Option<String>,
-    /// The payment id of a 201.
-    pub id: Option<String>,
-    pub key: String,
-}
-
-impl Answer {
-    pub fn latency_ms(&self) -> f64 {
-        (self.done - self.sent) * 1000.0
-    }
-
-    /// `201`, `502 provider-error`, `504 deadline-exceeded/provider`, `no answer`.
-    pub fn label(&self) -> String {
-        match (self.status, &self.code) {
-            (0, _) => "no answer".into(),
-            (s, Some(code)) => format!("{s} {code}"),
-            (s, None) => s.to_string(),
-        }
-    }
-}
-
-/// `/metrics` at one moment: the gauges as they were, the counters as totals so far.
-#[derive(Clone, Debug, Default)]
-pub(crate) struct Sample {
-    pub t: f64,
-    pub queue_depth: f64,
-    pub workers_busy: f64,
-    pub breaker_state: f64,
-    pub writer_queue: f64,
-    pub shed: f64,
-    pub shed_queue_full: f64,
-    pub acquire_timeouts: f64,
-    pub to_open: f64,
-    pub to_half_open: f64,
-    pub to_closed: f64,
-}
 
 /// One sample's value: the line whose series is exactly `series`, or the sum of the series
 /// of the metric `series` over all its labels.

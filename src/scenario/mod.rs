@@ -14,12 +14,15 @@
 //! Where the runs happen: [`drive`]. The catalogue is [`catalogue`]; `list` prints it.
 
 mod drive;
+mod model;
 mod report;
 
 use std::time::Duration;
 
 use clap::Args;
 use serde_json::{Value, json};
+
+use model::Run;
 
 #[derive(Args, Clone, Debug)]
 pub struct ScenarioConfig {
@@ -36,27 +39,6 @@ pub struct ScenarioConfig {
     /// Print the timeline, the story and the invariants as one JSON object.
     #[arg(long, env = "PAYTRACE_SCENARIO_JSON")]
     pub json: bool,
-}
-
-/// One run of a scenario: a server started with `serve_args` beside a provider whose base
-/// latency is `base_latency_ms`, the fault `fault` applied at 20% of the run and `recover`
-/// applied at 60%.
-#[derive(Clone, Debug)]
-pub(crate) struct Run {
-    /// Names the run when a scenario has more than one (`nested`, `unnested`).
-    pub label: &'static str,
-    pub serve_args: Vec<String>,
-    pub base_latency_ms: u64,
-    /// The body of `PUT /_control/faults` that starts the failure.
-    pub fault: Value,
-    /// The body that ends it.
-    pub recover: Value,
-    /// The failure in words, for the story.
-    pub fault_text: String,
-    /// Closed-loop clients.
-    pub clients: usize,
-    /// The server's request budget, to count answers that came at or after it.
-    pub request_timeout: Duration,
 }
 
 pub(crate) struct Scenario {

@@ -9,27 +9,7 @@ use rusqlite::{Connection, OpenFlags};
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use super::drive::{Answer, Sample, TICK};
-
-pub(crate) struct RunResult {
-    pub label: &'static str,
-    pub fault_text: String,
-    /// When the fault was applied and removed, seconds since the load started.
-    pub fault_t: f64,
-    pub recover_t: f64,
-    pub duration: f64,
-    pub request_timeout: Duration,
-    pub answers: Vec<Answer>,
-    pub samples: Vec<Sample>,
-    pub invariants: Vec<Invariant>,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub(crate) struct Invariant {
-    pub name: &'static str,
-    pub held: bool,
-    pub detail: String,
-}
+use super::model::{Answer, Invariant, RunResult, Sample, TICK};
 
 /// One 250 ms slice of the run.
 #[derive(Clone, Debug, Serialize)]
@@ -89,8 +69,7 @@ pub(crate) fn timeline(r: &RunResult) -> Vec<Row> {
         let sample = r
             .samples
             .iter()
-            .filter(|s| s.t <= to + 0.01)
-            .last()
+            .rfind(|s| s.t <= to + 0.01)
             .cloned()
             .unwrap_or_default();
         rows.push(Row {
