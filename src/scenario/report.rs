@@ -115,11 +115,12 @@ pub(crate) struct Facts {
     pub near_deadline: usize,
     /// Answers that came after the request's deadline.
     pub after_deadline: usize,
-    /// p99 of the requests sent between the fault and the recovery, ms.
-    pub fault_p99_ms: Option<f64>,
+    /// The slowest answer to a request sent between the fault and the recovery, ms: how long
+    /// one request could be held.
+    pub fault_max_ms: Option<f64>,
     pub first_201_after_recovery: Option<f64>,
     pub shed_queue_full: f64,
-    /// The first 201 after the fault that took over three times the median 201 before it:
+    /// The first 201 sent during the fault that took over three times the median 201 before it:
     /// (when, ms, the median before).
     pub first_slow_201: Option<(f64, f64, f64)>,
 }
@@ -198,13 +199,13 @@ pub(crate) fn facts(r: &RunResult) -> Facts {
             .iter()
             .filter(|a| a.latency_ms() > deadline_ms)
             .count(),
-        fault_p99_ms: quantile(
+        fault_max_ms: quantile(
             &sorted_latencies(
                 r.answers
                     .iter()
                     .filter(|a| a.sent >= r.fault_t && a.sent < r.recover_t),
             ),
-            0.99,
+            1.0,
         ),
         first_201_after_recovery: r
             .answers
@@ -223,7 +224,12 @@ pub(crate) fn facts(r: &RunResult) -> Facts {
         .and_then(|before| {
             r.answers
                 .iter()
-                .find(|a| after_fault(a.sent) && a.status == 201 && a.latency_ms() > 3.0 * before)
+                .find(|a| {
+                    after_fault(a.sent)
+                        && a.sent < r.recover_t
+                        && a.status == 201
+                        && a.latency_ms() > 3.0 * before
+                })
                 .map(|a| (a.done, a.latency_ms(), before))
         }),
     }
@@ -256,6 +262,15 @@ pub(crate) fn story(r: &RunResult) -> Vec<String> {
                 }
             }
             links.push((t, link));
+            if t > r.recover_t {
+                links.push((
+                    t,
+                    format!(
+                        "it opened {:.2} s after the provider had recovered: the evidence (timeouts) arrived late, and healthy calls are refused",
+                        t - r.recover_t
+                    ),
+                ));
+            }
         }
         None => links.push((r.duration, "the breaker never opened".into())),
     }
@@ -494,8 +509,8 @@ pub(crate) fn comparison(results: &[RunResult]) -> Value {
         line("answers after the deadline", &|x| x
             .after_deadline
             .to_string()),
-        line("p99 of requests sent during the fault", &|x| x
-            .fault_p99_ms
+        line("slowest answer to a request sent during the fault", &|x| x
+            .fault_max_ms
             .map_or("-".into(), |v| format!("{v:.0} ms"))),
         line("breaker opened", &|x| secs(x.breaker_opened)),
         line("503 provider-unavailable answers", &|x| x
