@@ -13,7 +13,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
-use super::model::{Answer, Run, RunResult, Sample, TICK};
+use super::model::{Answer, Fault, Run, RunResult, Sample, TICK};
 use super::report;
 use crate::bench::{Proc, spawn};
 use crate::config::DEV_API_KEY;
@@ -47,6 +47,7 @@ fn sample(agent: &ureq::Agent, url: &str, t: f64) -> Option<Sample> {
     let m = |s: &str| metric(&text, s);
     Some(Sample {
         t,
+        up: true,
         queue_depth: m("paytrace_queue_depth"),
         workers_busy: m("paytrace_workers_busy"),
         breaker_state: m("paytrace_breaker_state"),
@@ -84,16 +85,30 @@ fn put_faults(agent: &ureq::Agent, provider: &str, body: &Value) -> Result<(), S
     }
 }
 
-/// One closed-loop client: a payment with a fresh key, wait for the answer, the next one.
-fn client(url: &str, seed: u64, n: usize, start: Instant, stop: &AtomicBool) -> Vec<Answer> {
+/// One closed-loop client: a payment with a fresh key, wait for the answer, the next one; with
+/// `retry`, anything but a final answer is sent again at once with the same key and body.
+fn client(
+    url: &str,
+    seed: u64,
+    n: usize,
+    retry: bool,
+    start: Instant,
+    stop: &AtomicBool,
+) -> Vec<Answer> {
     let agent = agent(Duration::from_secs(15));
     let mut rng = StdRng::seed_from_u64(seed ^ (n as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
     let mut answers = Vec::new();
     let mut i = 0u64;
+    let mut again: Option<(String, u32, u32)> = None;
     while !stop.load(Ordering::Relaxed) {
-        i += 1;
-        let key = format!("scenario-{seed:x}-{n}-{i}");
-        let amount: u32 = rng.random_range(100..100_000);
+        let (key, amount, attempt) = match again.take() {
+            Some((key, amount, attempt)) => (key, amount, attempt + 1),
+            None => {
+                i += 1;
+                let amount: u32 = rng.random_range(100..100_000);
+                (format!("scenario-{seed:x}-{n}-{i}"), amount, 1)
+            }
+        };
         let body = format!(r#"{{"amount":{amount},"currency":"usd","source":"tok_visa"}}"#);
         let sent = start.elapsed().as_secs_f64();
         let result = agent
@@ -123,6 +138,9 @@ fn client(url: &str, seed: u64, n: usize, start: Instant, stop: &AtomicBool) -> 
             Err(_) => (0, None, None),
         };
         let done = start.elapsed().as_secs_f64();
+        if retry && !matches!(status, 201 | 402) {
+            again = Some((key.clone(), amount, attempt));
+        }
         answers.push(Answer {
             sent,
             done,
@@ -130,6 +148,7 @@ fn client(url: &str, seed: u64, n: usize, start: Instant, stop: &AtomicBool) -> 
             code,
             id,
             key,
+            attempt,
         });
         if status == 0 {
             // No server to talk to: do not spin.
@@ -148,12 +167,27 @@ impl Drop for Scratch {
     }
 }
 
-/// Sends SIGTERM (kill(1): no unsafe code for a signal) and waits for the exit, at most
-/// `within`; then kills.
+/// Sends `sig` with kill(1): no unsafe code for a signal.
+fn signal(process: &Proc, sig: &str) -> Result<(), String> {
+    let ok = Command::new("kill")
+        .args([format!("-{sig}"), process.0.id().to_string()])
+        .status()
+        .map_err(|e| format!("cannot run kill: {e}"))?
+        .success();
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("kill -{sig} failed"))
+    }
+}
+
+/// Sends SIGTERM (unless it has exited already) and waits for the exit, at most `within`;
+/// then kills (when dropped).
 fn stop_gracefully(mut server: Proc, within: Duration) -> Option<i32> {
-    let _ = Command::new("kill")
-        .args(["-TERM", &server.0.id().to_string()])
-        .status();
+    if let Ok(Some(status)) = server.0.try_wait() {
+        return status.code();
+    }
+    let _ = signal(&server, "TERM");
     let deadline = Instant::now() + within;
     while Instant::now() < deadline {
         if let Ok(Some(status)) = server.0.try_wait() {
@@ -209,7 +243,8 @@ pub(crate) fn execute(run: &Run, duration: Duration, seed: u64) -> Result<RunRes
     let clients: Vec<_> = (0..run.clients)
         .map(|n| {
             let (url, stop) = (url.clone(), stop.clone());
-            thread::spawn(move || client(&url, seed, n, start, &stop))
+            let retry = run.retry;
+            thread::spawn(move || client(&url, seed, n, retry, start, &stop))
         })
         .collect();
     let samples = Arc::new(Mutex::new(Vec::new()));
@@ -224,9 +259,11 @@ pub(crate) fn execute(run: &Run, duration: Duration, seed: u64) -> Result<RunRes
                     thread::sleep(next - now);
                 }
                 let t = next.duration_since(start).as_secs_f64();
-                if let Some(s) = sample(&agent, &url, t) {
-                    samples.lock().unwrap_or_else(|e| e.into_inner()).push(s);
-                }
+                let s = sample(&agent, &url, t).unwrap_or(Sample {
+                    t,
+                    ..Sample::default()
+                });
+                samples.lock().unwrap_or_else(|e| e.into_inner()).push(s);
                 next += TICK;
             }
         })
@@ -240,10 +277,16 @@ pub(crate) fn execute(run: &Run, duration: Duration, seed: u64) -> Result<RunRes
         }
     };
     sleep_until(fault_at);
-    let injected = put_faults(&control, &provider.1, &run.fault);
+    let injected = match &run.fault {
+        Fault::Provider { on, .. } => put_faults(&control, &provider.1, on),
+        Fault::Sigterm => signal(&server, "TERM"),
+    };
     let fault_t = start.elapsed().as_secs_f64();
     sleep_until(recover_at);
-    let recovered = put_faults(&control, &provider.1, &run.recover);
+    let recovered = match &run.fault {
+        Fault::Provider { off, .. } => put_faults(&control, &provider.1, off),
+        Fault::Sigterm => Ok(()),
+    };
     let recover_t = start.elapsed().as_secs_f64();
     sleep_until(duration);
     stop.store(true, Ordering::Relaxed);
@@ -272,7 +315,7 @@ pub(crate) fn execute(run: &Run, duration: Duration, seed: u64) -> Result<RunRes
         .into_body()
         .read_json()
         .map_err(|e| format!("the provider's stats are not JSON: {e}"))?;
-    let exit = stop_gracefully(server, Duration::from_secs(10));
+    let exit = stop_gracefully(server, run.request_timeout + Duration::from_secs(5));
     drop(provider);
     let invariants = report::check_invariants(&db, &answers, &stats, settled_after, exit)?;
     Ok(RunResult {
@@ -282,6 +325,7 @@ pub(crate) fn execute(run: &Run, duration: Duration, seed: u64) -> Result<RunRes
         recover_t,
         duration: duration.as_secs_f64(),
         request_timeout: run.request_timeout,
+        server_exit: exit,
         answers,
         samples,
         invariants,

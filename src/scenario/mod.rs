@@ -22,7 +22,7 @@ use std::time::Duration;
 use clap::Args;
 use serde_json::{Value, json};
 
-use model::Run;
+use model::{Fault, Run};
 
 #[derive(Args, Clone, Debug)]
 pub struct ScenarioConfig {
@@ -72,10 +72,13 @@ pub(crate) fn catalogue() -> Vec<Scenario> {
                 // A 1 s open period instead of 5 s, so one run shows several half-open trials.
                 serve_args: args(&["--breaker-open", "1s"]),
                 base_latency_ms: 20,
-                fault: json!({"fail_rate": 1.0}),
-                recover: json!({"fail_rate": 0.0}),
+                fault: Fault::Provider {
+                    on: json!({"fail_rate": 1.0}),
+                    off: json!({"fail_rate": 0.0}),
+                },
                 fault_text: "provider fails every call (500)".into(),
                 clients: 8,
+                retry: false,
                 request_timeout: secs(3),
             }],
         },
@@ -87,10 +90,13 @@ pub(crate) fn catalogue() -> Vec<Scenario> {
                 label: "brownout",
                 serve_args: args(&["--breaker-open", "2s"]),
                 base_latency_ms: 40,
-                fault: json!({"latency_ms": 800}),
-                recover: json!({"latency_ms": 40}),
+                fault: Fault::Provider {
+                    on: json!({"latency_ms": 800}),
+                    off: json!({"latency_ms": 40}),
+                },
                 fault_text: "provider latency x20 (40 ms -> 800 ms)".into(),
                 clients: 8,
+                retry: false,
                 request_timeout: secs(3),
             }],
         },
@@ -103,10 +109,13 @@ pub(crate) fn catalogue() -> Vec<Scenario> {
                     label: "nested",
                     serve_args: args(&["--request-timeout", "3s", "--provider-timeout", "1s"]),
                     base_latency_ms: 40,
-                    fault: json!({"latency_ms": 5000}),
-                    recover: json!({"latency_ms": 40}),
+                    fault: Fault::Provider {
+                        on: json!({"latency_ms": 5000}),
+                        off: json!({"latency_ms": 40}),
+                    },
                     fault_text: "provider latency 40 ms -> 5 s".into(),
                     clients: 8,
+                    retry: false,
                     request_timeout: secs(3),
                 },
                 Run {
@@ -119,13 +128,56 @@ pub(crate) fn catalogue() -> Vec<Scenario> {
                         "--unnested-budget",
                     ]),
                     base_latency_ms: 40,
-                    fault: json!({"latency_ms": 5000}),
-                    recover: json!({"latency_ms": 40}),
+                    fault: Fault::Provider {
+                        on: json!({"latency_ms": 5000}),
+                        off: json!({"latency_ms": 40}),
+                    },
                     fault_text: "provider latency 40 ms -> 5 s".into(),
                     clients: 8,
+                    retry: false,
                     request_timeout: secs(3),
                 },
             ],
+        },
+        Scenario {
+            name: "retry-storm",
+            summary: "the provider fails for a while and clients resend every refusal at once with the same key: breaker, rate limit and idempotency meet",
+            default_duration: secs(12),
+            runs: vec![Run {
+                label: "storm",
+                // The default rate limit (100/s for the one API key) is what the storm meets;
+                // three clients stay under it while the provider is well.
+                serve_args: vec![
+                    "--sync".into(),
+                    "normal".into(),
+                    "--breaker-open".into(),
+                    "2s".into(),
+                ],
+                base_latency_ms: 40,
+                fault: Fault::Provider {
+                    on: json!({"fail_rate": 1.0}),
+                    off: json!({"fail_rate": 0.0}),
+                },
+                fault_text: "provider fails every call (500), clients retry at once".into(),
+                clients: 3,
+                retry: true,
+                request_timeout: secs(3),
+            }],
+        },
+        Scenario {
+            name: "sigterm-under-load",
+            summary: "SIGTERM while payments are in flight on a slow provider: readiness fails, the listener closes, in-flight payments finish, exit 0",
+            default_duration: secs(8),
+            runs: vec![Run {
+                label: "sigterm",
+                serve_args: args(&[]),
+                base_latency_ms: 300,
+                fault: Fault::Sigterm,
+                fault_text: "SIGTERM to the server".into(),
+                clients: 8,
+                retry: false,
+                request_timeout: secs(3),
+            }],
         },
     ]
 }

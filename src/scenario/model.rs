@@ -8,6 +8,15 @@ use serde_json::Value;
 
 /// The timeline's resolution.
 pub const TICK: Duration = Duration::from_millis(250);
+/// The failure a run injects.
+#[derive(Clone, Debug)]
+pub enum Fault {
+    /// `PUT /_control/faults` on the provider with `on`, later with `off`.
+    Provider { on: Value, off: Value },
+    /// SIGTERM to the server; nothing is undone (the clients find no server after the drain).
+    Sigterm,
+}
+
 /// What one client saw of one request. Times are seconds since the load started.
 #[derive(Clone, Debug)]
 pub struct Answer {
@@ -20,6 +29,8 @@ pub struct Answer {
     /// The payment id of a 201.
     pub id: Option<String>,
     pub key: String,
+    /// 1 for the first request with this key, 2 for its first retry, …
+    pub attempt: u32,
 }
 
 impl Answer {
@@ -41,6 +52,8 @@ impl Answer {
 #[derive(Clone, Debug, Default)]
 pub struct Sample {
     pub t: f64,
+    /// Whether the server answered `/metrics` at all; the other fields are 0 when not.
+    pub up: bool,
     pub queue_depth: f64,
     pub workers_busy: f64,
     pub breaker_state: f64,
@@ -62,14 +75,15 @@ pub struct Run {
     pub label: &'static str,
     pub serve_args: Vec<String>,
     pub base_latency_ms: u64,
-    /// The body of `PUT /_control/faults` that starts the failure.
-    pub fault: Value,
-    /// The body that ends it.
-    pub recover: Value,
+    /// What is done to the system at 20% of the run, and undone at 60%.
+    pub fault: Fault,
     /// The failure in words, for the story.
     pub fault_text: String,
     /// Closed-loop clients.
     pub clients: usize,
+    /// Whether a client sends the same request again, at once and with the same key, after
+    /// anything but a final answer (201, 402) — a retry storm — instead of a fresh one.
+    pub retry: bool,
     /// The server's request budget, to count answers that came at or after it.
     pub request_timeout: Duration,
 }
@@ -80,6 +94,8 @@ pub struct RunResult {
     /// When the fault was applied and removed, seconds since the load started.
     pub fault_t: f64,
     pub recover_t: f64,
+    /// The server's exit code after the drain (SIGTERM), `None` when it had to be killed.
+    pub server_exit: Option<i32>,
     pub duration: f64,
     pub request_timeout: Duration,
     pub answers: Vec<Answer>,

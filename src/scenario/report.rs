@@ -29,6 +29,8 @@ pub(crate) struct Row {
     /// 0 closed, 1 open, 2 half-open (`paytrace_breaker_state`).
     pub breaker: f64,
     pub writer_queue: f64,
+    /// Whether the server answered `/metrics` at the end of the slice.
+    pub server_up: bool,
     /// Requests shed in the slice (`paytrace_requests_shed_total`, all reasons).
     pub shed: f64,
     /// Pool acquisitions that timed out so far (`paytrace_db_acquire_timeouts_total`).
@@ -86,10 +88,17 @@ pub(crate) fn timeline(r: &RunResult) -> Vec<Row> {
             workers_busy: sample.workers_busy,
             breaker: sample.breaker_state,
             writer_queue: sample.writer_queue,
-            shed: (sample.shed - previous_shed).max(0.0),
+            server_up: sample.up,
+            shed: if sample.up {
+                (sample.shed - previous_shed).max(0.0)
+            } else {
+                0.0
+            },
             acquire_timeouts: sample.acquire_timeouts,
         });
-        previous_shed = sample.shed;
+        if sample.up {
+            previous_shed = sample.shed;
+        }
     }
     rows
 }
@@ -120,6 +129,21 @@ pub(crate) struct Facts {
     pub fault_max_ms: Option<f64>,
     pub first_201_after_recovery: Option<f64>,
     pub shed_queue_full: f64,
+    /// Answers 429 rate-limited after the fault: (the first one's time, how many).
+    pub rate_limited: Option<(f64, usize)>,
+    /// Requests that were retries of an earlier one with the same key, and the most
+    /// attempts one key took.
+    pub retries: usize,
+    pub most_attempts: u32,
+    /// Keys that were answered 201 only after at least one retry.
+    pub retried_to_201: usize,
+    /// Requests sent before the fault and answered after it (a drain's work): (how many,
+    /// the last answer's time, how many of them were 201).
+    pub answered_across: Option<(usize, f64, usize)>,
+    /// The first request after the fault that got no HTTP answer at all.
+    pub first_no_answer: Option<f64>,
+    /// The first sample after the fault that the server did not answer.
+    pub server_gone: Option<f64>,
     /// The first 201 sent during the fault that took over three times the median 201 before it:
     /// (when, ms, the median before).
     pub first_slow_201: Option<(f64, f64, f64)>,
@@ -161,7 +185,22 @@ pub(crate) fn facts(r: &RunResult) -> Facts {
             .find(|s| s.t > opened && s.breaker_state == 0.0 && s.to_closed > base.to_closed)
             .map(|s| s.t)
     });
-    let last = r.samples.last().cloned().unwrap_or_default();
+    let last = r
+        .samples
+        .iter()
+        .rfind(|s| s.up)
+        .cloned()
+        .unwrap_or_default();
+    let limited: Vec<&Answer> = r
+        .answers
+        .iter()
+        .filter(|a| after_fault(a.sent) && a.status == 429)
+        .collect();
+    let across: Vec<&Answer> = r
+        .answers
+        .iter()
+        .filter(|a| a.sent < r.fault_t && a.done >= r.fault_t)
+        .collect();
     let first_failure = r
         .answers
         .iter()
@@ -213,6 +252,31 @@ pub(crate) fn facts(r: &RunResult) -> Facts {
             .find(|a| a.sent >= r.recover_t && a.status == 201)
             .map(|a| a.done),
         shed_queue_full: last.shed_queue_full - base.shed_queue_full,
+        rate_limited: limited.first().map(|a| (a.done, limited.len())),
+        retries: r.answers.iter().filter(|a| a.attempt > 1).count(),
+        most_attempts: r.answers.iter().map(|a| a.attempt).max().unwrap_or(0),
+        retried_to_201: r
+            .answers
+            .iter()
+            .filter(|a| a.status == 201 && a.attempt > 1)
+            .count(),
+        answered_across: across.iter().map(|a| a.done).reduce(f64::max).map(|t| {
+            (
+                across.len(),
+                t,
+                across.iter().filter(|a| a.status == 201).count(),
+            )
+        }),
+        first_no_answer: r
+            .answers
+            .iter()
+            .find(|a| after_fault(a.sent) && a.status == 0)
+            .map(|a| a.done),
+        server_gone: r
+            .samples
+            .iter()
+            .find(|s| after_fault(s.t) && !s.up)
+            .map(|s| s.t),
         first_slow_201: quantile(
             &sorted_latencies(
                 r.answers
@@ -272,7 +336,10 @@ pub(crate) fn story(r: &RunResult) -> Vec<String> {
                 ));
             }
         }
-        None => links.push((r.duration, "the breaker never opened".into())),
+        None if f.first_failure.is_some() && f.first_no_answer.is_none() => {
+            links.push((r.duration, "the breaker never opened".into()))
+        }
+        None => {}
     }
     if let Some(t) = f.breaker_half_opened {
         links.push((
@@ -289,10 +356,51 @@ pub(crate) fn story(r: &RunResult) -> Vec<String> {
             ),
         ));
     }
-    links.push((
-        r.recover_t,
-        format!("provider recovered at {:.2} s", r.recover_t),
-    ));
+    if let Some((t, n)) = f.rate_limited {
+        links.push((
+            t,
+            format!(
+                "the retries hit the rate limit: first 429 rate-limited at {t:.2} s ({n} in all; {} retries, up to {} attempts for one key)",
+                f.retries, f.most_attempts
+            ),
+        ));
+    }
+    if let Some((n, t, ok)) = f.answered_across.filter(|_| f.server_gone.is_some()) {
+        links.push((
+            t,
+            format!("{n} requests in flight at the fault answered after it ({ok} of them 201), the last at {t:.2} s"),
+        ));
+    }
+    if let Some(t) = f.first_no_answer {
+        links.push((
+            t,
+            format!("first connection with no answer (listener closed) at {t:.2} s"),
+        ));
+    }
+    if let Some(t) = f.server_gone {
+        links.push((
+            t,
+            format!(
+                "server gone by {t:.2} s, exit code {}",
+                r.server_exit
+                    .map_or("none (killed)".into(), |c| c.to_string())
+            ),
+        ));
+    } else {
+        links.push((
+            r.recover_t,
+            format!("fault removed at {:.2} s", r.recover_t),
+        ));
+    }
+    if f.retried_to_201 > 0 {
+        links.push((
+            r.recover_t,
+            format!(
+                "{} keys answered 201 only after retries: each resumed its one payment (idempotency, unit 05)",
+                f.retried_to_201
+            ),
+        ));
+    }
     if let Some(t) = f.breaker_closed {
         links.push((t, format!("breaker closed at {t:.2} s")));
     }
@@ -327,7 +435,7 @@ fn count(conn: &Connection, sql: &str) -> Result<i64, String> {
         .map_err(|e| format!("{sql}: {e}"))
 }
 
-/// The four invariants, against the database file (the server has stopped) and the
+/// The invariants, against the database file (the server has stopped) and the
 /// provider's `/v1/stats`; `exit` is the server's exit code after SIGTERM.
 pub(crate) fn check_invariants(
     db: &Path,
@@ -408,9 +516,16 @@ pub(crate) fn check_invariants(
         name: "nothing left processing or pending",
         held: left == 0,
         detail: format!(
-            "{left} left, {:.1} s after the load stopped (server exit code {})",
+            "{left} left, {:.1} s after the load stopped",
             settled_after.as_secs_f64(),
-            exit.map_or("none: killed".into(), |c| c.to_string())
+        ),
+    });
+    out.push(Invariant {
+        name: "the server drained and exited 0 after SIGTERM",
+        held: exit == Some(0),
+        detail: format!(
+            "exit code {}",
+            exit.map_or("none: it had to be killed".into(), |c| c.to_string())
         ),
     });
     Ok(out)
@@ -459,7 +574,11 @@ pub(crate) fn print(scenario: &str, r: &RunResult) {
             ms(row.p99_so_far_ms),
             row.workers_busy,
             row.queue_depth,
-            breaker_name(row.breaker),
+            if row.server_up {
+                breaker_name(row.breaker)
+            } else {
+                "down"
+            },
             row.writer_queue,
             row.shed
         );
