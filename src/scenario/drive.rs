@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -88,7 +88,7 @@ fn put_faults(agent: &ureq::Agent, provider: &str, body: &Value) -> Result<(), S
 /// One closed-loop client: a payment with a fresh key, wait for the answer, the next one; with
 /// `retry`, anything but a final answer is sent again at once with the same key and body.
 fn client(
-    url: &str,
+    url: &RwLock<String>,
     seed: u64,
     n: usize,
     retry: bool,
@@ -111,8 +111,10 @@ fn client(
         };
         let body = format!(r#"{{"amount":{amount},"currency":"usd","source":"tok_visa"}}"#);
         let sent = start.elapsed().as_secs_f64();
+        // Read each time: a restarted server listens on a new port.
+        let base = url.read().map(|u| u.clone()).unwrap_or_default();
         let result = agent
-            .post(format!("{url}/payments"))
+            .post(format!("{base}/payments"))
             .header("Authorization", format!("Bearer {DEV_API_KEY}"))
             .header("Idempotency-Key", &key)
             .header("Content-Type", "application/json")
@@ -234,8 +236,8 @@ pub(crate) fn execute(run: &Run, duration: Duration, seed: u64) -> Result<RunRes
         provider.1.clone(),
     ];
     serve_args.extend(run.serve_args.iter().cloned());
-    let server = spawn(&serve_args)?;
-    let url = server.1.clone();
+    let mut server = spawn(&serve_args)?;
+    let url = Arc::new(RwLock::new(server.1.clone()));
     let control = agent(Duration::from_secs(5));
 
     let start = Instant::now();
@@ -259,7 +261,8 @@ pub(crate) fn execute(run: &Run, duration: Duration, seed: u64) -> Result<RunRes
                     thread::sleep(next - now);
                 }
                 let t = next.duration_since(start).as_secs_f64();
-                let s = sample(&agent, &url, t).unwrap_or(Sample {
+                let base = url.read().map(|u| u.clone()).unwrap_or_default();
+                let s = sample(&agent, &base, t).unwrap_or(Sample {
                     t,
                     ..Sample::default()
                 });
@@ -280,12 +283,23 @@ pub(crate) fn execute(run: &Run, duration: Duration, seed: u64) -> Result<RunRes
     let injected = match &run.fault {
         Fault::Provider { on, .. } => put_faults(&control, &provider.1, on),
         Fault::Sigterm => signal(&server, "TERM"),
+        Fault::CrashAndRestart => server.0.kill().map_err(|e| format!("cannot kill -9: {e}")),
     };
     let fault_t = start.elapsed().as_secs_f64();
     sleep_until(recover_at);
     let recovered = match &run.fault {
         Fault::Provider { off, .. } => put_faults(&control, &provider.1, off),
         Fault::Sigterm => Ok(()),
+        Fault::CrashAndRestart => {
+            let _ = server.0.wait();
+            // The same command on the same database; a new port, which the clients pick up.
+            spawn(&serve_args).map(|restarted| {
+                if let Ok(mut u) = url.write() {
+                    *u = restarted.1.clone();
+                }
+                server = restarted;
+            })
+        }
     };
     let recover_t = start.elapsed().as_secs_f64();
     sleep_until(duration);

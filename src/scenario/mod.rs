@@ -179,6 +179,22 @@ pub(crate) fn catalogue() -> Vec<Scenario> {
                 request_timeout: secs(3),
             }],
         },
+        Scenario {
+            name: "crash-and-restart",
+            summary: "kill -9 under load, restart on the same database; clients resend what they did not see answered, with the same key",
+            default_duration: secs(8),
+            runs: vec![Run {
+                label: "crash",
+                // `--sync full` (the default): a commit survives the crash of the process.
+                serve_args: vec!["--rate-limit".into(), "1000000/s".into()],
+                base_latency_ms: 100,
+                fault: Fault::CrashAndRestart,
+                fault_text: "kill -9 of the server".into(),
+                clients: 8,
+                retry: true,
+                request_timeout: secs(3),
+            }],
+        },
     ]
 }
 

@@ -15,6 +15,9 @@ pub enum Fault {
     Provider { on: Value, off: Value },
     /// SIGTERM to the server; nothing is undone (the clients find no server after the drain).
     Sigterm,
+    /// SIGKILL to the server (no drain, no checkpoint); later the same command again on the
+    /// same database.
+    CrashAndRestart,
 }
 
 /// What one client saw of one request. Times are seconds since the load started.

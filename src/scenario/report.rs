@@ -144,6 +144,10 @@ pub(crate) struct Facts {
     pub first_no_answer: Option<f64>,
     /// The first sample after the fault that the server did not answer.
     pub server_gone: Option<f64>,
+    /// The first sample after that which it answered again (a restarted server).
+    pub server_back: Option<f64>,
+    /// 409 idempotency-key-in-use after the fault: (first, last, how many).
+    pub in_use: Option<(f64, f64, usize)>,
     /// The first 201 sent during the fault that took over three times the median 201 before it:
     /// (when, ms, the median before).
     pub first_slow_201: Option<(f64, f64, f64)>,
@@ -272,6 +276,24 @@ pub(crate) fn facts(r: &RunResult) -> Facts {
             .iter()
             .find(|a| after_fault(a.sent) && a.status == 0)
             .map(|a| a.done),
+        server_back: r
+            .samples
+            .iter()
+            .skip_while(|s| !(after_fault(s.t) && !s.up))
+            .find(|s| s.up)
+            .map(|s| s.t),
+        in_use: {
+            let in_use: Vec<f64> = r
+                .answers
+                .iter()
+                .filter(|a| after_fault(a.sent) && a.status == 409)
+                .map(|a| a.done)
+                .collect();
+            in_use
+                .first()
+                .zip(in_use.last())
+                .map(|(first, last)| (*first, *last, in_use.len()))
+        },
         server_gone: r
             .samples
             .iter()
@@ -310,7 +332,7 @@ pub(crate) fn story(r: &RunResult) -> Vec<String> {
             format!("slow calls: first slow 201 at {t:.2} s ({ms:.0} ms, was {before:.0} ms)"),
         ));
     }
-    if let Some((t, label, ms)) = &f.first_failure {
+    if let Some((t, label, ms)) = f.first_failure.as_ref().filter(|x| x.1 != "no answer") {
         links.push((*t, format!("first {label} at {t:.2} s (after {ms:.0} ms)")));
     }
     match f.breaker_opened {
@@ -374,22 +396,29 @@ pub(crate) fn story(r: &RunResult) -> Vec<String> {
     if let Some(t) = f.first_no_answer {
         links.push((
             t,
-            format!("first connection with no answer (listener closed) at {t:.2} s"),
+            format!("first request with no answer (no server listening) at {t:.2} s"),
         ));
     }
     if let Some(t) = f.server_gone {
-        links.push((
-            t,
-            format!(
-                "server gone by {t:.2} s, exit code {}",
-                r.server_exit
-                    .map_or("none (killed)".into(), |c| c.to_string())
-            ),
-        ));
+        links.push((t, format!("server gone by {t:.2} s")));
+        if let Some(t) = f.server_back {
+            links.push((
+                t,
+                format!("a server on the same database answers again at {t:.2} s"),
+            ));
+        }
     } else {
         links.push((
             r.recover_t,
             format!("fault removed at {:.2} s", r.recover_t),
+        ));
+    }
+    if let Some((first, last, n)) = f.in_use {
+        links.push((
+            first,
+            format!(
+                "{n} answers 409 idempotency-key-in-use from {first:.2} s to {last:.2} s: keys still locked by an attempt that never finished, until the lock's TTL (request timeout + 1 s) lets a retry take them over"
+            ),
         ));
     }
     if f.retried_to_201 > 0 {
@@ -572,15 +601,15 @@ pub(crate) fn print(scenario: &str, r: &RunResult) {
             others.join(" "),
             ms(row.median_ms),
             ms(row.p99_so_far_ms),
-            row.workers_busy,
-            row.queue_depth,
+            row.workers_busy as i64,
+            row.queue_depth as i64,
             if row.server_up {
                 breaker_name(row.breaker)
             } else {
                 "down"
             },
-            row.writer_queue,
-            row.shed
+            row.writer_queue as i64,
+            row.shed as i64
         );
     }
     println!("story: {}", story(r).join(" → "));
@@ -600,6 +629,7 @@ pub(crate) fn to_json(r: &RunResult) -> Value {
         "fault": r.fault_text,
         "fault_at_s": r.fault_t,
         "recovered_at_s": r.recover_t,
+        "server_exit": r.server_exit,
         "timeline": timeline(r),
         "facts": facts(r),
         "story": story(r),

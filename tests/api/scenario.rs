@@ -34,7 +34,7 @@ fn run_json(name: &str, duration: &str) -> Value {
     });
     for run in report["runs"].as_array().unwrap() {
         let invariants = run["invariants"].as_array().unwrap();
-        assert_eq!(invariants.len(), 4, "{name}: {invariants:?}");
+        assert_eq!(invariants.len(), 5, "{name}: {invariants:?}");
         for i in invariants {
             assert_eq!(i["held"], true, "{name} {}: {i}", run["label"]);
         }
@@ -71,7 +71,14 @@ fn list_names_each_scenario_that_exists_on_one_line() {
         .collect();
     assert_eq!(
         names,
-        ["provider-outage", "provider-brownout", "unnested-budget"]
+        [
+            "provider-outage",
+            "provider-brownout",
+            "unnested-budget",
+            "retry-storm",
+            "sigterm-under-load",
+            "crash-and-restart"
+        ]
     );
     assert!(text.lines().all(|l| l.len() > 40), "{text}");
 }
@@ -171,4 +178,47 @@ fn serve_refuses_an_unnested_budget_unless_the_scenario_switch_is_given() {
         ],
     );
     assert_eq!(get(&format!("{}/healthz", serve.url())).status, 200);
+}
+
+#[test]
+fn retry_storm_meets_the_rate_limit_and_every_retried_key_keeps_one_payment() {
+    let _x = exclusive();
+    let report = run_json("retry-storm", "6s");
+    let f = facts(&report, "storm");
+    assert!(f["breaker_opened"].as_f64().is_some(), "{f}");
+    // The breaker's instant refusals come back at once, and the rate limit sheds them.
+    let limited = f["rate_limited"][1].as_u64().expect("429s");
+    assert!(limited > 50, "{f}");
+    assert!(f["retries"].as_u64().unwrap() > limited, "{f}");
+    // The keys that failed during the outage succeed on a retry, each with one payment (the
+    // invariants checked that no key has two).
+    assert!(f["retried_to_201"].as_u64().unwrap() > 0, "{f}");
+}
+
+#[test]
+fn sigterm_under_load_finishes_the_payments_in_flight_and_exits_0() {
+    let _x = exclusive();
+    let report = run_json("sigterm-under-load", "5s");
+    let f = facts(&report, "sigterm");
+    let (in_flight, ok) = (
+        f["answered_across"][0]
+            .as_u64()
+            .expect("payments in flight at the signal"),
+        f["answered_across"][2].as_u64().unwrap(),
+    );
+    assert!(in_flight > 0 && ok == in_flight, "{f}");
+    assert!(f["server_gone"].as_f64().is_some(), "{f}");
+    assert_eq!(report["runs"][0]["server_exit"], 0);
+}
+
+#[test]
+fn crash_and_restart_loses_nothing_and_charges_nothing_twice() {
+    let _x = exclusive();
+    let report = run_json("crash-and-restart", "6s");
+    let f = facts(&report, "crash");
+    assert!(f["server_gone"].as_f64().is_some(), "{f}");
+    assert!(f["server_back"].as_f64().is_some(), "{f}");
+    assert!(f["first_201_after_recovery"].as_f64().is_some(), "{f}");
+    // What was in flight at the kill was resent with the same key and ended as one payment.
+    assert!(f["retried_to_201"].as_u64().unwrap() > 0, "{f}");
 }
