@@ -279,7 +279,7 @@ pub(crate) fn facts(r: &RunResult) -> Facts {
         server_back: r
             .samples
             .iter()
-            .skip_while(|s| !(after_fault(s.t) && !s.up))
+            .skip_while(|s| !after_fault(s.t) || s.up)
             .find(|s| s.up)
             .map(|s| s.t),
         in_use: {
