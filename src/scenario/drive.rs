@@ -183,13 +183,12 @@ fn signal(process: &Proc, sig: &str) -> Result<(), String> {
     }
 }
 
-/// Sends SIGTERM (unless it has exited already) and waits for the exit, at most `within`;
-/// then kills (when dropped).
-fn stop_gracefully(mut server: Proc, within: Duration) -> Option<i32> {
-    if let Ok(Some(status)) = server.0.try_wait() {
-        return status.code();
+/// Sends SIGTERM (unless the run sent it already: a second signal cuts the drain short) and
+/// waits for the exit, at most `within`; then kills (when dropped).
+fn stop_gracefully(mut server: Proc, signalled: bool, within: Duration) -> Option<i32> {
+    if !signalled {
+        let _ = signal(&server, "TERM");
     }
-    let _ = signal(&server, "TERM");
     let deadline = Instant::now() + within;
     while Instant::now() < deadline {
         if let Ok(Some(status)) = server.0.try_wait() {
@@ -329,7 +328,12 @@ pub(crate) fn execute(run: &Run, duration: Duration, seed: u64) -> Result<RunRes
         .into_body()
         .read_json()
         .map_err(|e| format!("the provider's stats are not JSON: {e}"))?;
-    let exit = stop_gracefully(server, run.request_timeout + Duration::from_secs(5));
+    let signalled = matches!(run.fault, Fault::Sigterm);
+    let exit = stop_gracefully(
+        server,
+        signalled,
+        run.request_timeout + Duration::from_secs(5),
+    );
     drop(provider);
     let invariants = report::check_invariants(&db, &answers, &stats, settled_after, exit)?;
     Ok(RunResult {

@@ -390,7 +390,7 @@ pub(crate) fn story(r: &RunResult) -> Vec<String> {
     if let Some((n, t, ok)) = f.answered_across.filter(|_| f.server_gone.is_some()) {
         links.push((
             t,
-            format!("{n} requests in flight at the fault answered after it ({ok} of them 201), the last at {t:.2} s"),
+            format!("{n} requests in flight at the fault: {ok} of them answered 201, the last answer at {t:.2} s"),
         ));
     }
     if let Some(t) = f.first_no_answer {
@@ -422,8 +422,13 @@ pub(crate) fn story(r: &RunResult) -> Vec<String> {
         ));
     }
     if f.retried_to_201 > 0 {
+        let first = r
+            .answers
+            .iter()
+            .find(|a| a.status == 201 && a.attempt > 1)
+            .map_or(r.recover_t, |a| a.done);
         links.push((
-            r.recover_t,
+            first,
             format!(
                 "{} keys answered 201 only after retries: each resumed its one payment (idempotency, unit 05)",
                 f.retried_to_201
