@@ -151,6 +151,7 @@ fn client(
             id,
             key,
             attempt,
+            slow_client: false,
         });
         if status == 0 {
             // No server to talk to: do not spin.
@@ -158,6 +159,69 @@ fn client(
         }
     }
     answers
+}
+
+/// One slow client: a payment's head, then its body a byte every 200 ms, until the server
+/// answers or closes; again, while the fault lasts.
+fn slow_client(url: &RwLock<String>, n: usize, start: Instant, until: &AtomicBool) -> Vec<Answer> {
+    let mut answers = Vec::new();
+    let mut i = 0;
+    while !until.load(Ordering::Relaxed) {
+        i += 1;
+        let base = url.read().map(|u| u.clone()).unwrap_or_default();
+        let addr = base.trim_start_matches("http://").to_string();
+        let key = format!("slow-{n}-{i}");
+        let body = r#"{"amount":1999,"currency":"usd","source":"tok_visa"}"#;
+        let head = format!(
+            "POST /payments HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {DEV_API_KEY}\r\n\
+             Idempotency-Key: {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        let sent = start.elapsed().as_secs_f64();
+        let status = trickle(&addr, head.as_bytes(), body.as_bytes(), until);
+        answers.push(Answer {
+            sent,
+            done: start.elapsed().as_secs_f64(),
+            status,
+            code: None,
+            id: None,
+            key,
+            attempt: 1,
+            slow_client: true,
+        });
+        if status == 0 {
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+    answers
+}
+
+/// Sends `head`, then `body` a byte every 200 ms; the status of the answer, 0 when the
+/// connection closed without one.
+fn trickle(addr: &str, head: &[u8], body: &[u8], until: &AtomicBool) -> u16 {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(addr) else {
+        return 0;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    if stream.write_all(head).is_err() {
+        return 0;
+    }
+    for byte in body {
+        thread::sleep(Duration::from_millis(200));
+        // Stop early when the server has answered (the write fails) or the fault is over.
+        if until.load(Ordering::Relaxed) || stream.write_all(&[*byte]).is_err() {
+            break;
+        }
+    }
+    let mut answer = [0u8; 64];
+    match stream.read(&mut answer) {
+        Ok(n) if n >= 12 => std::str::from_utf8(&answer[9..12])
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0),
+        _ => 0,
+    }
 }
 
 /// A scratch directory for the run's database, removed when dropped.
@@ -279,16 +343,31 @@ pub(crate) fn execute(run: &Run, duration: Duration, seed: u64) -> Result<RunRes
         }
     };
     sleep_until(fault_at);
+    let slow_until = Arc::new(AtomicBool::new(false));
+    let slow: Vec<_> = match run.fault {
+        Fault::SlowClients { n } => (0..n)
+            .map(|i| {
+                let (url, until) = (url.clone(), slow_until.clone());
+                thread::spawn(move || slow_client(&url, i, start, &until))
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
     let injected = match &run.fault {
         Fault::Provider { on, .. } => put_faults(&control, &provider.1, on),
         Fault::Sigterm => signal(&server, "TERM"),
         Fault::CrashAndRestart => server.0.kill().map_err(|e| format!("cannot kill -9: {e}")),
+        Fault::SlowClients { .. } => Ok(()),
     };
     let fault_t = start.elapsed().as_secs_f64();
     sleep_until(recover_at);
     let recovered = match &run.fault {
         Fault::Provider { off, .. } => put_faults(&control, &provider.1, off),
         Fault::Sigterm => Ok(()),
+        Fault::SlowClients { .. } => {
+            slow_until.store(true, Ordering::Relaxed);
+            Ok(())
+        }
         Fault::CrashAndRestart => {
             let _ = server.0.wait();
             // The same command on the same database; a new port, which the clients pick up.
@@ -305,6 +384,7 @@ pub(crate) fn execute(run: &Run, duration: Duration, seed: u64) -> Result<RunRes
     stop.store(true, Ordering::Relaxed);
     let mut answers: Vec<Answer> = clients
         .into_iter()
+        .chain(slow)
         .flat_map(|c| c.join().unwrap_or_default())
         .collect();
     answers.sort_by(|a, b| a.done.total_cmp(&b.done));

@@ -195,6 +195,21 @@ pub(crate) fn catalogue() -> Vec<Scenario> {
                 request_timeout: secs(3),
             }],
         },
+        Scenario {
+            name: "slow-clients",
+            summary: "64 clients send their bodies a byte every 200 ms, straight to the server: the front cuts each off at --socket-timeout, the payments beside them do not notice",
+            default_duration: secs(10),
+            runs: vec![Run {
+                label: "slow-clients",
+                serve_args: args(&["--socket-timeout", "2s"]),
+                base_latency_ms: 40,
+                fault: Fault::SlowClients { n: 64 },
+                fault_text: "64 clients sending a byte every 200 ms".into(),
+                clients: 8,
+                retry: false,
+                request_timeout: secs(3),
+            }],
+        },
     ]
 }
 

@@ -18,6 +18,9 @@ pub enum Fault {
     /// SIGKILL to the server (no drain, no checkpoint); later the same command again on the
     /// same database.
     CrashAndRestart,
+    /// `n` more clients that send a payment's head, then its body one byte every 200 ms, one
+    /// after another until the fault ends.
+    SlowClients { n: usize },
 }
 
 /// What one client saw of one request. Times are seconds since the load started.
@@ -34,6 +37,8 @@ pub struct Answer {
     pub key: String,
     /// 1 for the first request with this key, 2 for its first retry, …
     pub attempt: u32,
+    /// Sent by one of the slow clients (a byte at a time), not by the closed-loop clients.
+    pub slow_client: bool,
 }
 
 impl Answer {
@@ -43,6 +48,12 @@ impl Answer {
 
     /// `201`, `502 provider-error`, `504 deadline-exceeded/provider`, `no answer`.
     pub fn label(&self) -> String {
+        if self.slow_client {
+            return match self.status {
+                0 => "slow client: closed".into(),
+                s => format!("slow client: {s}"),
+            };
+        }
         match (self.status, &self.code) {
             (0, _) => "no answer".into(),
             (s, Some(code)) => format!("{s} {code}"),

@@ -67,7 +67,7 @@ pub(crate) fn timeline(r: &RunResult) -> Vec<Row> {
         for a in &within {
             *answered.entry(a.label()).or_insert(0) += 1;
         }
-        let so_far = sorted_latencies(r.answers.iter().filter(|a| a.done < to));
+        let so_far = sorted_latencies(r.answers.iter().filter(|a| a.done < to && !a.slow_client));
         let sample = r
             .samples
             .iter()
@@ -82,7 +82,10 @@ pub(crate) fn timeline(r: &RunResult) -> Vec<Row> {
                 .filter(|a| a.sent >= from && a.sent < to)
                 .count(),
             answered,
-            median_ms: quantile(&sorted_latencies(within.iter().copied()), 0.5),
+            median_ms: quantile(
+                &sorted_latencies(within.iter().copied().filter(|a| !a.slow_client)),
+                0.5,
+            ),
             p99_so_far_ms: quantile(&so_far, 0.99),
             queue_depth: sample.queue_depth,
             workers_busy: sample.workers_busy,
@@ -148,6 +151,12 @@ pub(crate) struct Facts {
     pub server_back: Option<f64>,
     /// 409 idempotency-key-in-use after the fault: (first, last, how many).
     pub in_use: Option<(f64, f64, usize)>,
+    /// The slow clients' requests: (how many, median ms until the server answered or closed,
+    /// the statuses they got).
+    pub slow_clients: Option<(usize, f64, Vec<String>)>,
+    /// p99 of the closed-loop clients' payments sent before the fault and during it, ms.
+    pub p99_before_ms: Option<f64>,
+    pub p99_during_ms: Option<f64>,
     /// The first 201 sent during the fault that took over three times the median 201 before it:
     /// (when, ms, the median before).
     pub first_slow_201: Option<(f64, f64, f64)>,
@@ -208,7 +217,7 @@ pub(crate) fn facts(r: &RunResult) -> Facts {
     let first_failure = r
         .answers
         .iter()
-        .find(|a| after_fault(a.sent) && a.status != 201)
+        .find(|a| after_fault(a.sent) && a.status != 201 && !a.slow_client)
         .map(|a| (a.done, a.label(), a.latency_ms()));
     let before_open = breaker_opened.and_then(|opened| {
         most_common(
@@ -256,6 +265,28 @@ pub(crate) fn facts(r: &RunResult) -> Facts {
             .find(|a| a.sent >= r.recover_t && a.status == 201)
             .map(|a| a.done),
         shed_queue_full: last.shed_queue_full - base.shed_queue_full,
+        slow_clients: {
+            let slow: Vec<&Answer> = r.answers.iter().filter(|a| a.slow_client).collect();
+            let labels: BTreeSet<String> = slow.iter().map(|a| a.label()).collect();
+            quantile(&sorted_latencies(slow.iter().copied()), 0.5)
+                .map(|median| (slow.len(), median, labels.into_iter().collect()))
+        },
+        p99_before_ms: quantile(
+            &sorted_latencies(
+                r.answers
+                    .iter()
+                    .filter(|a| !a.slow_client && a.sent < r.fault_t),
+            ),
+            0.99,
+        ),
+        p99_during_ms: quantile(
+            &sorted_latencies(
+                r.answers
+                    .iter()
+                    .filter(|a| !a.slow_client && a.sent >= r.fault_t && a.sent < r.recover_t),
+            ),
+            0.99,
+        ),
         rate_limited: limited.first().map(|a| (a.done, limited.len())),
         retries: r.answers.iter().filter(|a| a.attempt > 1).count(),
         most_attempts: r.answers.iter().map(|a| a.attempt).max().unwrap_or(0),
@@ -378,6 +409,21 @@ pub(crate) fn story(r: &RunResult) -> Vec<String> {
             ),
         ));
     }
+    if let Some((n, median, labels)) = &f.slow_clients {
+        links.push((
+            r.fault_t,
+            format!(
+                "{n} slow requests, each cut off after ~{median:.0} ms ({}): the front reads a request whole before a worker sees it",
+                labels.join(", ")
+            ),
+        ));
+        if let (Some(before), Some(during)) = (f.p99_before_ms, f.p99_during_ms) {
+            links.push((
+                r.recover_t,
+                format!("meanwhile the other clients' payments: p99 {during:.0} ms during, {before:.0} ms before"),
+            ));
+        }
+    }
     if let Some((t, n)) = f.rate_limited {
         links.push((
             t,
@@ -438,7 +484,10 @@ pub(crate) fn story(r: &RunResult) -> Vec<String> {
     if let Some(t) = f.breaker_closed {
         links.push((t, format!("breaker closed at {t:.2} s")));
     }
-    if let Some(t) = f.first_201_after_recovery {
+    if let Some(t) = f
+        .first_201_after_recovery
+        .filter(|_| f.first_failure.is_some() || f.server_gone.is_some())
+    {
         links.push((t, format!("201s again from {t:.2} s")));
     }
     if f.near_deadline > 0 {

@@ -77,7 +77,8 @@ fn list_names_each_scenario_that_exists_on_one_line() {
             "unnested-budget",
             "retry-storm",
             "sigterm-under-load",
-            "crash-and-restart"
+            "crash-and-restart",
+            "slow-clients"
         ]
     );
     assert!(text.lines().all(|l| l.len() > 40), "{text}");
@@ -221,4 +222,26 @@ fn crash_and_restart_loses_nothing_and_charges_nothing_twice() {
     assert!(f["first_201_after_recovery"].as_f64().is_some(), "{f}");
     // What was in flight at the kill was resent with the same key and ended as one payment.
     assert!(f["retried_to_201"].as_u64().unwrap() > 0, "{f}");
+}
+
+#[test]
+fn slow_clients_are_cut_off_by_the_front_and_the_payments_beside_them_do_not_wait() {
+    let _x = exclusive();
+    let report = run_json("slow-clients", "6s");
+    let f = facts(&report, "slow-clients");
+    let slow = &f["slow_clients"];
+    assert!(slow[0].as_u64().unwrap() >= 32, "{f}");
+    // Cut off at --socket-timeout (2 s) with a 408, not served a byte at a time for 10 s.
+    let median = slow[1].as_f64().unwrap();
+    assert!((1500.0..5000.0).contains(&median), "{f}");
+    assert!(
+        slow[2]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l == "slow client: 408"),
+        "{f}"
+    );
+    // The payments beside them: no 2 s waits (a generous bound for a busy machine).
+    assert!(f["p99_during_ms"].as_f64().unwrap() < 1000.0, "{f}");
 }
