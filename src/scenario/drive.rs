@@ -13,8 +13,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
+use super::invariants;
 use super::model::{Answer, Fault, Run, RunResult, Sample, TICK};
-use super::report;
 use crate::bench::{Proc, spawn};
 use crate::config::DEV_API_KEY;
 
@@ -266,7 +266,7 @@ fn stop_gracefully(mut server: Proc, signalled: bool, within: Duration) -> Optio
 /// Payments still `processing` or `pending`, read from the file while the server runs (WAL:
 /// a reader sees what was committed).
 fn unsettled(db: &Path) -> Result<i64, String> {
-    let conn = report::open_read_only(db)?;
+    let conn = invariants::open_read_only(db)?;
     conn.query_row(
         "SELECT COUNT(*) FROM payments WHERE status IN ('processing','pending')",
         [],
@@ -415,7 +415,7 @@ pub(crate) fn execute(run: &Run, duration: Duration, seed: u64) -> Result<RunRes
         run.request_timeout + Duration::from_secs(5),
     );
     drop(provider);
-    let invariants = report::check_invariants(&db, &answers, &stats, settled_after, exit)?;
+    let invariants = invariants::check_invariants(&db, &answers, &stats, settled_after, exit)?;
     Ok(RunResult {
         label: run.label,
         fault_text: run.fault_text.clone(),

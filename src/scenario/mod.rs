@@ -4,18 +4,21 @@
 //! the provider's run-time fault control (`PUT /_control/faults`) at a fixed moment, removes it
 //! later, and prints what happened three ways:
 //!
-//! - a **timeline** ([`report::Row`]), one row per 250 ms: what the clients were answered and
+//! - a **timeline** ([`timeline::Row`]), one row per 250 ms: what the clients were answered and
 //!   what `/metrics` said at that moment;
-//! - the **story** ([`report::story`]): which unit reacted first and how its reaction became
+//! - the **story** ([`story::story`]): which unit reacted first and how its reaction became
 //!   the next unit's input, read off the timeline;
-//! - the **invariants** ([`report::check_invariants`]), checked against the provider's
+//! - the **invariants** ([`invariants::check_invariants`]), checked against the provider's
 //!   `/v1/stats` and the SQLite file (read-only, after the server stopped).
 //!
 //! Where the runs happen: [`drive`]. The catalogue is [`catalogue`]; `list` prints it.
 
 mod drive;
+mod invariants;
 mod model;
 mod report;
+mod story;
+mod timeline;
 
 use std::time::Duration;
 
@@ -261,7 +264,7 @@ pub fn run(config: ScenarioConfig) -> u8 {
                 "duration_s": duration.as_secs_f64(),
                 "seed": config.seed,
                 "runs": runs,
-                "comparison": report::comparison(&results),
+                "comparison": story::comparison(&results),
                 "invariants_held": all_held,
             })
         );
@@ -269,7 +272,7 @@ pub fn run(config: ScenarioConfig) -> u8 {
         for r in &results {
             report::print(scenario.name, r);
         }
-        if let Some(lines) = report::comparison(&results).as_array()
+        if let Some(lines) = story::comparison(&results).as_array()
             && !lines.is_empty()
         {
             println!("side by side:");
