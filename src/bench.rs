@@ -195,7 +195,7 @@ fn batch_fields(before: Option<(f64, u64)>, after: Option<(f64, u64)>) -> Value 
 }
 
 /// A child process, killed when dropped.
-struct Proc(Child, String);
+pub(crate) struct Proc(pub(crate) Child, pub(crate) String);
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -205,7 +205,7 @@ impl Drop for Proc {
 }
 
 /// Starts this binary with `args` and waits for its `listening on http://ADDR` line.
-fn spawn(args: &[String]) -> Result<Proc, String> {
+pub(crate) fn spawn(args: &[String]) -> Result<Proc, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut child = Command::new(exe)
         .args(args)

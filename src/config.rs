@@ -183,6 +183,11 @@ pub struct ServeConfig {
     /// Breaker: trial calls let through when half-open.
     #[arg(long = "breaker-half-open-calls", env = "PAYTRACE_BREAKER_HALF_OPEN_CALLS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub breaker_half_open_calls: u32,
+    /// For `paytrace scenario unnested-budget` only: start even when the budgets do not nest
+    /// (e.g. provider-timeout = request-timeout), to watch what goes wrong. Off by default;
+    /// never use it in production.
+    #[arg(long = "unnested-budget", env = "PAYTRACE_UNNESTED_BUDGET")]
+    pub unnested_budget: bool,
     /// Log format: text or json; the level comes from RUST_LOG (default info).
     #[arg(long = "log-format", env = "PAYTRACE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -232,7 +237,7 @@ impl ServeConfig {
     pub fn validate(&self) -> Result<(), String> {
         let ms = |d: Duration| d.as_millis();
         let needed = 2 * (self.acquire_timeout + self.write_timeout) + self.provider_timeout;
-        if needed >= self.request_timeout {
+        if needed >= self.request_timeout && !self.unnested_budget {
             return Err(format!(
                 "budgets do not nest: 2 × (acquire-timeout {}ms + write-timeout {}ms) + provider-timeout {}ms = {}ms, \
                  which must be less than request-timeout {}ms",

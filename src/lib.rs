@@ -49,6 +49,7 @@ pub mod load;
 pub mod metrics;
 pub mod provider;
 pub mod reply;
+pub mod scenario;
 pub mod server_timing;
 pub mod startup;
 pub mod store;

@@ -27,6 +27,8 @@ enum Command {
     Load(Box<paytrace::load::LoadConfig>),
     /// Run the reproducible benchmark (starts its own provider and servers) and print a table.
     Bench(paytrace::bench::BenchConfig),
+    /// Run a failure scenario (starts its own provider and server): timeline, story, invariants.
+    Scenario(paytrace::scenario::ScenarioConfig),
 }
 
 fn main() -> ExitCode {
@@ -65,6 +67,10 @@ fn main() -> ExitCode {
                     ExitCode::from(1)
                 }
             }
+        }
+        Command::Scenario(config) => {
+            init_logging(LogFormat::Text);
+            ExitCode::from(paytrace::scenario::run(config))
         }
         Command::Provider(config) => {
             init_logging(LogFormat::Text);

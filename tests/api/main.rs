@@ -17,6 +17,7 @@ mod payments;
 mod provider_answers;
 mod provider_faults;
 mod readme;
+mod scenario;
 mod shutdown;
 mod slow_clients;
 mod storage;
