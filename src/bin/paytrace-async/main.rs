@@ -4,17 +4,19 @@
 //! pool, the provider call is awaited, and semaphores stand where the sync server has its
 //! bounded queue and workers.
 //!
+//! - [`accept`]: the accept loop, one hyper connection per task, and their part of the drain.
 //! - [`server`]: admission, routing, the payment's steps around the awaited charge.
 //! - [`provider`]: the awaited provider call behind the twin's breaker.
 //! - [`shutdown`]: signals → cancellation tokens → drain.
 
+mod accept;
 mod provider;
 mod server;
 mod shutdown;
 
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::extract::DefaultBodyLimit;
@@ -24,6 +26,7 @@ use paytrace::flow::reconciler;
 use paytrace::lifecycle;
 use paytrace::startup::{self, Built, ServeError};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::provider::AsyncProvider;
 use crate::server::Twin;
@@ -78,10 +81,16 @@ fn run(config: ServeConfig) -> Result<(), ServeError> {
         .max_blocking_threads(app.config.workers as usize + 4)
         .build()
         .map_err(runtime_error)?;
-    let provider = AsyncProvider::new(&provider_url, &app).map_err(ServeError::Runtime)?;
+    let provider = Arc::new(AsyncProvider::new(&provider_url, &app).map_err(ServeError::Runtime)?);
     let background_stop = Arc::new(AtomicBool::new(false));
-    let housekeeping =
-        reconciler::spawn(app.clone(), background_stop.clone()).map_err(ServeError::Runtime)?;
+    // The reconciler asks the provider nothing while the twin's breaker is open.
+    let breaker = provider.clone();
+    let housekeeping = reconciler::spawn_watching(
+        app.clone(),
+        background_stop.clone(),
+        Box::new(move || breaker.breaker_state()),
+    )
+    .map_err(ServeError::Runtime)?;
     log::info!("{}", startup::listening(&app, addr, &provider_url));
     let twin = Arc::new(Twin::new(app.clone(), provider));
     runtime
@@ -110,14 +119,20 @@ async fn serve(twin: Arc<Twin>, listener: std::net::TcpListener) -> Result<(), S
         // The library's --max-body check reads the body; axum's own 2 MB default must not
         // answer first.
         .layer(DefaultBodyLimit::disable());
-    let server =
-        axum::serve(listener, router).with_graceful_shutdown(close.clone().cancelled_owned());
-    let mut server = tokio::spawn(async move { server.await });
+    let connections = TaskTracker::new();
+    let mut accepting = tokio::spawn(accept::run(
+        app.clone(),
+        listener,
+        router,
+        close.clone(),
+        connections.clone(),
+        twin.open_connections.clone(),
+    ));
 
     tokio::select! {
         _ = stop.cancelled() => {}
-        ended = &mut server => {
-            return Err(format!("the server stopped before any signal: {ended:?}"));
+        ended = &mut accepting => {
+            return Err(format!("the accept loop stopped before any signal: {ended:?}"));
         }
     }
     // Step 1.
@@ -125,17 +140,20 @@ async fn serve(twin: Arc<Twin>, listener: std::net::TcpListener) -> Result<(), S
     let finished_before = app.inflight.finished();
     tokio::time::sleep(app.config.shutdown_delay).await;
     // Step 2.
+    twin.closing.store(true, Ordering::SeqCst);
     close.cancel();
+    let _ = accepting.await;
     let closed = Instant::now();
     log::info!(
-        "listener closed; draining {} requests in flight",
-        app.inflight.describe().len()
+        "listener closed; draining {} open connections",
+        connections.len()
     );
-    // Step 3.
+    // Step 3: every connection accepted is served, and every request's task finishes.
     let deadline = tokio::time::Instant::from_std(closed + app.config.drain_timeout());
+    connections.close();
     twin.tracker.close();
     let drained = tokio::time::timeout_at(deadline, async {
-        let _ = (&mut server).await;
+        connections.wait().await;
         twin.tracker.wait().await;
     })
     .await;

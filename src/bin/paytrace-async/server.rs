@@ -16,6 +16,7 @@
 //! on a sync worker (the tracker lets the drain wait for it).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -25,6 +26,7 @@ use axum::response::Response;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use paytrace::app::App;
 use paytrace::deadline::{Deadline, Step};
+use paytrace::edge::front::request::{MAX_HEADER_BYTES, MAX_HEADER_FIELDS, MAX_REQUEST_LINE};
 use paytrace::edge::http;
 use paytrace::edge::middleware::{self, ChainHeaders, RequestInfo};
 use paytrace::edge::observe::{self, Observed};
@@ -38,12 +40,13 @@ use paytrace::trace::Unit;
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 
+use crate::accept::NthOnConnection;
 use crate::provider::AsyncProvider;
 
 /// What every request of the twin shares.
 pub struct Twin {
     pub app: Arc<App>,
-    pub provider: AsyncProvider,
+    pub provider: Arc<AsyncProvider>,
     /// `--workers` + `--queue` permits: a request that finds none is refused at once with 503,
     /// like a full queue in front of the sync server's workers.
     pub admission: Arc<Semaphore>,
@@ -53,16 +56,24 @@ pub struct Twin {
     /// Every request's task, so the drain can wait for each one, including those whose client
     /// went away.
     pub tracker: TaskTracker,
+    /// Set when the listener closes (shutdown step 2): answers say `Connection: close`, and a
+    /// further request on a kept-alive connection is refused with 503 `shutting-down`.
+    pub closing: AtomicBool,
+    /// Client connections open now (the accept loop counts them): answers keep a connection
+    /// alive only while at most half of `--max-connections` are open, as on the sync server.
+    pub open_connections: Arc<AtomicUsize>,
 }
 
 impl Twin {
-    pub fn new(app: Arc<App>, provider: AsyncProvider) -> Twin {
+    pub fn new(app: Arc<App>, provider: Arc<AsyncProvider>) -> Twin {
         let workers = app.config.workers as usize;
         let queue = app.config.queue as usize;
         Twin {
             admission: Arc::new(Semaphore::new(workers + queue)),
             workers: Arc::new(Semaphore::new(workers)),
             tracker: TaskTracker::new(),
+            closing: AtomicBool::new(false),
+            open_connections: Arc::new(AtomicUsize::new(0)),
             app,
             provider,
         }
@@ -93,6 +104,33 @@ pub async fn handle(State(twin): State<Arc<Twin>>, request: Request) -> Response
         "request-id",
         format_args!("{} {}", info.method, info.path),
     );
+    let wants_keep_alive = wants_keep_alive(&parts);
+    let nth = parts.extensions.get::<NthOnConnection>().map_or(1, |n| n.0);
+    if nth > 1 && twin.closing.load(Ordering::SeqCst) {
+        // Not in flight when the listener closed: this connection's earlier request was.
+        info.hop(
+            Unit::Workers,
+            "shed",
+            format_args!("refused: 503 shutting-down (shutting_down)"),
+        );
+        let report = Report {
+            shed: Some("shutting_down"),
+            ..Report::default()
+        };
+        // Like the sync front's refusal, it is not counted among the requests drained.
+        return respond(
+            &twin,
+            Err(ApiError::ShuttingDown),
+            &info,
+            &report,
+            None,
+            false,
+        );
+    }
+    if let Err(refused) = head_limits(&parts) {
+        // What the sync server's front refuses before any worker sees it.
+        return respond(&twin, Err(refused), &info, &Report::default(), None, false);
+    }
     let is_liveness = matches!(
         routes::find(parts.method.as_str(), parts.uri.path()),
         Ok((r, _)) if r.template == "/healthz"
@@ -100,12 +138,17 @@ pub async fn handle(State(twin): State<Arc<Twin>>, request: Request) -> Response
     if is_liveness {
         // Liveness never waits for a permit: a server whose workers are all busy is
         // overloaded, not dead.
+        let _running = app
+            .inflight
+            .enter(&info.request_id, &info.method, &info.path);
+        let report = Report::default();
         return respond(
             &twin,
             Ok(routes::healthz()),
             &info,
-            &Report::default(),
+            &report,
             None,
+            wants_keep_alive,
         );
     }
     let Ok(admitted) = twin.admission.clone().try_acquire_owned() else {
@@ -125,13 +168,16 @@ pub async fn handle(State(twin): State<Arc<Twin>>, request: Request) -> Response
             shed: Some("queue_full"),
             ..Report::default()
         };
-        return respond(&twin, Err(error), &info, &report, None);
+        let _running = app
+            .inflight
+            .enter(&info.request_id, &info.method, &info.path);
+        return respond(&twin, Err(error), &info, &report, None, wants_keep_alive);
     };
     let task = {
         let (twin, info) = (twin.clone(), info.clone());
         twin.tracker.clone().spawn(async move {
             let _admitted = admitted;
-            work(&twin, &info, parts, body).await
+            work(&twin, &info, parts, body, wants_keep_alive).await
         })
     };
     match task.await {
@@ -144,13 +190,20 @@ pub async fn handle(State(twin): State<Arc<Twin>>, request: Request) -> Response
                 &info,
                 &Report::default(),
                 None,
+                wants_keep_alive,
             )
         }
     }
 }
 
 /// One admitted request: waits for a worker permit (its queue time), routes, observes.
-async fn work(twin: &Twin, info: &RequestInfo, parts: Parts, body: Body) -> Response {
+async fn work(
+    twin: &Twin,
+    info: &RequestInfo,
+    parts: Parts,
+    body: Body,
+    wants_keep_alive: bool,
+) -> Response {
     let app = &twin.app;
     twin.app.metrics.queue_depth.set(twin.waiting());
     let permit = twin.workers.clone().acquire_owned().await;
@@ -173,7 +226,7 @@ async fn work(twin: &Twin, info: &RequestInfo, parts: Parts, body: Body) -> Resp
         Err(_) => Err(ApiError::ShuttingDown),
     };
     app.metrics.workers_busy.dec();
-    respond(twin, answer, info, &report, rate)
+    respond(twin, answer, info, &report, rate, wants_keep_alive)
 }
 
 /// The library's route table; a protected route runs the library's chain first.
@@ -355,12 +408,22 @@ fn respond(
     info: &RequestInfo,
     report: &Report,
     rate: Option<Decision>,
+    wants_keep_alive: bool,
 ) -> Response {
     let app = &twin.app;
     let reply = answer.unwrap_or_else(|e| e.into_reply(&info.request_id));
     let total = info.received.elapsed();
     let seen = Observed { info, report, rate };
-    let reply = observe::describe(app, reply, &seen, total);
+    // Kept alive only while that cannot starve anyone: the client wants it, the listener is
+    // open, and at most half of --max-connections are open.
+    let keep_alive = wants_keep_alive
+        && !twin.closing.load(Ordering::SeqCst)
+        && !app.is_draining()
+        && twin.open_connections.load(Ordering::SeqCst) <= app.config.max_connections as usize / 2;
+    let reply = observe::describe(app, reply, &seen, total).header(
+        "Connection",
+        if keep_alive { "keep-alive" } else { "close" },
+    );
     let status = reply.status;
     observe::access_log(
         app,
@@ -392,6 +455,41 @@ fn to_response(reply: Reply) -> Response {
         *r.status_mut() = axum::http::StatusCode::INTERNAL_SERVER_ERROR;
         r
     })
+}
+
+/// The sync front's limits on a request head, checked on what hyper parsed: 414 for a request
+/// line over 8 KiB, 431 for a header block over 16 KiB (hyper itself answers 431 to more than
+/// 100 fields).
+fn head_limits(parts: &Parts) -> Result<(), ApiError> {
+    let line = parts.method.as_str().len() + parts.uri.to_string().len() + " HTTP/1.1".len() + 1;
+    if line > MAX_REQUEST_LINE {
+        return Err(ApiError::UriTooLong);
+    }
+    let block: usize = parts
+        .headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + 2 + value.len() + 2)
+        .sum();
+    if block > MAX_HEADER_BYTES || parts.headers.len() > MAX_HEADER_FIELDS {
+        return Err(ApiError::HeadersTooLarge(format!(
+            "the header block is over {MAX_HEADER_BYTES} bytes or {MAX_HEADER_FIELDS} fields"
+        )));
+    }
+    Ok(())
+}
+
+/// Whether the client asked to keep its connection: HTTP/1.1 unless it said `close`, HTTP/1.0
+/// only when it said `keep-alive`.
+fn wants_keep_alive(parts: &Parts) -> bool {
+    let tokens = header(parts, "Connection")
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let has = |t: &str| tokens.split(',').any(|x| x.trim() == t);
+    match parts.version {
+        axum::http::Version::HTTP_11 => !has("close"),
+        axum::http::Version::HTTP_10 => has("keep-alive"),
+        _ => false,
+    }
 }
 
 fn header<'a>(parts: &'a Parts, name: &str) -> Option<&'a str> {
