@@ -57,7 +57,12 @@ fn main() -> ExitCode {
         }
         Command::Bench(config) => {
             paytrace::startup::init_logging(LogFormat::Text);
-            match paytrace::bench::run(config) {
+            let ran = if config.compare {
+                paytrace::bench::compare::run(&config)
+            } else {
+                paytrace::bench::run(config)
+            };
+            match ran {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(reason) => {
                     eprintln!("paytrace bench: {reason}");

@@ -76,7 +76,7 @@ pub fn run_serve(config: ServeConfig) -> Result<(), ServeError> {
     let background_stop = Arc::new(AtomicBool::new(false));
     let housekeeping =
         reconciler::spawn(app.clone(), background_stop.clone()).map_err(ServeError::Runtime)?;
-    log::info!("{}", listening(&app, addr, &provider_url));
+    announce(&app, addr, &provider_url);
     // Runs until a signal, then performs steps 1–3 of the shutdown (src/lifecycle/shutdown.rs).
     dispatch::run(app.clone(), listener, stop).map_err(ServeError::Runtime)?;
     shutdown::teardown(&app, &background_stop, housekeeping);
@@ -90,9 +90,9 @@ pub struct Built {
     pub provider_url: String,
 }
 
-/// The start-up line both servers log, which scripts and tests wait for.
-pub fn listening(app: &App, addr: SocketAddr, provider_url: &str) -> String {
-    format!(
+/// Logs the start-up line both servers write, which scripts, tests and the bench wait for.
+pub fn announce(app: &App, addr: SocketAddr, provider_url: &str) {
+    log::info!(
         "listening on http://{addr} (workers {}, queue {}, pool {}, connections {}, db {}); provider {}",
         app.config.workers,
         app.config.queue,
@@ -100,7 +100,7 @@ pub fn listening(app: &App, addr: SocketAddr, provider_url: &str) -> String {
         app.config.max_connections,
         app.config.db.display(),
         provider_url
-    )
+    );
 }
 
 /// Validates the configuration, builds the collaborators once (metrics, the pool and its

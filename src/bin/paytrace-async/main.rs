@@ -91,7 +91,7 @@ fn run(config: ServeConfig) -> Result<(), ServeError> {
         Box::new(move || breaker.breaker_state()),
     )
     .map_err(ServeError::Runtime)?;
-    log::info!("{}", startup::listening(&app, addr, &provider_url));
+    startup::announce(&app, addr, &provider_url);
     let twin = Arc::new(Twin::new(app.clone(), provider));
     runtime
         .block_on(serve(twin, listener))
