@@ -495,3 +495,42 @@ fn wants_keep_alive(parts: &Parts) -> bool {
 fn header<'a>(parts: &'a Parts, name: &str) -> Option<&'a str> {
     parts.headers.get(name).and_then(|v| v.to_str().ok())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(request: axum::http::request::Builder) -> Parts {
+        request.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn the_sync_fronts_head_limits_hold_on_what_hyper_parsed() {
+        let ok = parts(Request::get("/payments").header("X-A", "b"));
+        assert!(head_limits(&ok).is_ok());
+        let long = parts(Request::get(format!("/{}", "a".repeat(MAX_REQUEST_LINE))));
+        assert!(matches!(head_limits(&long), Err(ApiError::UriTooLong)));
+        let big = parts(Request::get("/healthz").header("X-Big", "b".repeat(MAX_HEADER_BYTES)));
+        assert!(matches!(
+            head_limits(&big),
+            Err(ApiError::HeadersTooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn keep_alive_is_what_the_client_asked_for_by_its_version() {
+        use axum::http::Version;
+        let ask = |version: Version, connection: Option<&str>| {
+            let mut b = Request::get("/").version(version);
+            if let Some(c) = connection {
+                b = b.header("Connection", c);
+            }
+            wants_keep_alive(&parts(b))
+        };
+        assert!(ask(Version::HTTP_11, None));
+        assert!(!ask(Version::HTTP_11, Some("close")));
+        assert!(!ask(Version::HTTP_11, Some("Upgrade, Close")));
+        assert!(!ask(Version::HTTP_10, None));
+        assert!(ask(Version::HTTP_10, Some("keep-alive")));
+    }
+}
