@@ -214,7 +214,7 @@ async fn work(
         "picked-up",
         format_args!("after {:.1} ms in the queue", queued.as_secs_f64() * 1000.0),
     );
-    app.metrics.workers_busy.inc();
+    let busy = Busy::new(&app.metrics);
     let _running = app
         .inflight
         .enter(&info.request_id, &info.method, &info.path);
@@ -225,8 +225,25 @@ async fn work(
         Ok(_) => route(twin, info, &parts, body, &mut report, &mut rate).await,
         Err(_) => Err(ApiError::ShuttingDown),
     };
-    app.metrics.workers_busy.dec();
+    drop(busy);
     respond(twin, answer, info, &report, rate, wants_keep_alive)
+}
+
+/// `workers_busy` counts a request while it holds a worker permit, until it is answered or
+/// its task panics.
+struct Busy<'a>(&'a paytrace::metrics::Metrics);
+
+impl<'a> Busy<'a> {
+    fn new(metrics: &'a paytrace::metrics::Metrics) -> Busy<'a> {
+        metrics.workers_busy.inc();
+        Busy(metrics)
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.workers_busy.dec();
+    }
 }
 
 /// The library's route table; a protected route runs the library's chain first.
