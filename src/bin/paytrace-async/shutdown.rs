@@ -8,7 +8,8 @@
 //!    task (the tracker: a task whose client hung up is waited for too).
 //! 4. and 5. are the library's `teardown`, called by `main` once the runtime's work is done.
 //!
-//! A second signal exits at once with status 1.
+//! A second signal exits at once with status 1 (signal-hook's conditional exit, registered by
+//! the library before tokio's own handler).
 
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -17,8 +18,11 @@ use paytrace::app::App;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
-/// Cancels `stop` at the first SIGTERM or SIGINT; exits the process with 1 at the second.
+/// Cancels `stop` at the first SIGTERM or SIGINT. A second one exits the process with 1 at
+/// once, from the signal handler itself (the library's registration, as in the sync server),
+/// so it works at any moment: during the drain, and during the teardown after the runtime.
 pub fn watch_signals(stop: CancellationToken) -> Result<(), String> {
+    paytrace::lifecycle::shutdown::install_signal_handlers()?;
     let mut term = signal(SignalKind::terminate()).map_err(|e| format!("SIGTERM: {e}"))?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| format!("SIGINT: {e}"))?;
     tokio::spawn(async move {
@@ -27,12 +31,6 @@ pub fn watch_signals(stop: CancellationToken) -> Result<(), String> {
             _ = int.recv() => {}
         }
         stop.cancel();
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-        log::error!("a second signal during the shutdown: exiting at once");
-        std::process::exit(1);
     });
     Ok(())
 }
