@@ -16,6 +16,8 @@ use serde_json::{Value, json};
 
 use crate::load::{self, LoadConfig};
 
+pub mod compare;
+
 #[derive(Args, Clone, Debug)]
 pub struct BenchConfig {
     /// How long each scenario runs, e.g. 5s.
@@ -27,6 +29,10 @@ pub struct BenchConfig {
     /// Run only the scenarios whose name contains this text, e.g. `flood` or `--workers 8`.
     #[arg(long, env = "PAYTRACE_BENCH_ONLY")]
     pub only: Option<String>,
+    /// Compare with the async twin: `paytrace serve` and `paytrace-async serve` (built with
+    /// `--features async-twin`, next to this binary) against the same provider, A B A B.
+    #[arg(long, env = "PAYTRACE_BENCH_COMPARE")]
+    pub compare: bool,
 }
 
 struct Scenario {
@@ -207,6 +213,11 @@ impl Drop for Proc {
 /// Starts this binary with `args` and waits for its `listening on http://ADDR` line.
 pub(crate) fn spawn(args: &[String]) -> Result<Proc, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    spawn_exe(&exe, args)
+}
+
+/// Starts `exe` with `args` and waits for its `listening on http://ADDR` line.
+pub(crate) fn spawn_exe(exe: &std::path::Path, args: &[String]) -> Result<Proc, String> {
     let mut child = Command::new(exe)
         .args(args)
         .env(
@@ -239,7 +250,7 @@ pub(crate) fn spawn(args: &[String]) -> Result<Proc, String> {
 }
 
 /// (peak RSS in KiB, threads) of `pid`, from /proc.
-fn proc_status(pid: u32) -> Option<(u64, u64)> {
+pub(crate) fn proc_status(pid: u32) -> Option<(u64, u64)> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let field = |name: &str| -> Option<u64> {
         text.lines()
@@ -268,6 +279,8 @@ fn cpu_jiffies() -> Option<(u64, u64)> {
     Some((total - idle, total))
 }
 
+/// Runs the bench's scenarios against this binary's `serve` (`--compare`: [`compare::run`],
+/// which `main` calls instead).
 pub fn run(config: BenchConfig) -> Result<(), String> {
     let dir = std::env::temp_dir().join(format!("paytrace-bench-{:08x}", rand::random::<u32>()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;

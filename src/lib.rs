@@ -29,6 +29,12 @@
 //! | `provider/` | the breaker, the client, the simulated provider | the provider's wire format |
 //! | `lifecycle/` | what is in flight, graceful shutdown | every unit, read in reverse |
 //!
+//! The async twin, `paytrace-async` (`src/bin/paytrace-async/`, built only with the
+//! `async-twin` feature), serves the same API on tokio + axum from these same steps: the
+//! chain ([`edge::middleware::chain`]), [`flow::payment::begin`] and [`flow::payment::finish`]
+//! on tokio's blocking pool, the provider call awaited, [`edge::observe::describe`] for the
+//! answer. The default build compiles no async runtime.
+//!
 //! Suggested reading order for one request: [`edge::front`] → [`edge::dispatch`] →
 //! [`workers`] → [`edge::routes`] → [`edge::middleware::protect`] → [`flow::payment::create`] →
 //! [`store::writer`] → [`store::idempotency::claim`] →

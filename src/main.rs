@@ -1,6 +1,5 @@
 //! The `paytrace` binary: the command line → the chosen subcommand.
 
-use std::io::Write;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -35,7 +34,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(config) => {
-            init_logging(config.log_format);
+            paytrace::startup::init_logging(config.log_format);
             match paytrace::startup::run_serve(*config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(paytrace::startup::ServeError::Config(reason)) => {
@@ -49,7 +48,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Load(config) => {
-            init_logging(LogFormat::Text);
+            paytrace::startup::init_logging(LogFormat::Text);
             match paytrace::load::run(*config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -59,8 +58,13 @@ fn main() -> ExitCode {
             }
         }
         Command::Bench(config) => {
-            init_logging(LogFormat::Text);
-            match paytrace::bench::run(config) {
+            paytrace::startup::init_logging(LogFormat::Text);
+            let ran = if config.compare {
+                paytrace::bench::compare::run(&config)
+            } else {
+                paytrace::bench::run(config)
+            };
+            match ran {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(reason) => {
                     eprintln!("paytrace bench: {reason}");
@@ -69,11 +73,11 @@ fn main() -> ExitCode {
             }
         }
         Command::Scenario(config) => {
-            init_logging(LogFormat::Text);
+            paytrace::startup::init_logging(LogFormat::Text);
             ExitCode::from(paytrace::scenario::run(config))
         }
         Command::Provider(config) => {
-            init_logging(LogFormat::Text);
+            paytrace::startup::init_logging(LogFormat::Text);
             match paytrace::provider::sim::run(&config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(reason) => {
@@ -83,38 +87,6 @@ fn main() -> ExitCode {
             }
         }
     }
-}
-
-/// Logs to stderr, as text or one JSON object a line. Level info; `RUST_LOG` adds to that
-/// (`RUST_LOG=paytrace::trace=debug` turns on the per-hop trace and keeps the rest at info;
-/// `RUST_LOG=warn` lowers everything).
-fn init_logging(format: LogFormat) {
-    let mut builder = env_logger::Builder::new();
-    builder.parse_filters("info,tiny_http=off");
-    // RUST_LOG's directives replace the defaults of the same name, and add the others;
-    // RUST_LOG_STYLE is read too.
-    builder.parse_env(env_logger::Env::default());
-    if format == LogFormat::Json {
-        builder.format(|buf, record| {
-            let mut line = serde_json::json!({
-                "ts": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
-                "level": record.level().as_str(),
-                "target": record.target(),
-            });
-            let msg = record.args().to_string();
-            // The access log's message is already a JSON object: its fields join the line.
-            match serde_json::from_str::<serde_json::Value>(&msg) {
-                Ok(serde_json::Value::Object(fields)) if record.target() == "access" => {
-                    if let Some(o) = line.as_object_mut() {
-                        o.extend(fields);
-                    }
-                }
-                _ => line["msg"] = serde_json::Value::String(msg),
-            }
-            writeln!(buf, "{line}")
-        });
-    }
-    builder.init();
 }
 
 #[cfg(test)]

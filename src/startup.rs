@@ -1,14 +1,15 @@
 //! Start-up: builds the collaborators once ([`App`]), binds, and serves until stopped, then
 //! tears down (unit 07). The one place that knows how the parts are wired together.
 
-use std::net::TcpListener;
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use crate::app::App;
 use crate::clock::{Clock, SystemClock};
-use crate::config::{ProviderConfig, ServeConfig};
+use crate::config::{LogFormat, ProviderConfig, ServeConfig};
 use crate::deadline::Timeouts;
 use crate::edge::auth::ApiKeys;
 use crate::edge::ratelimit::RateLimiter;
@@ -21,6 +22,38 @@ use crate::provider::sim;
 use crate::store::db::Db;
 use crate::store::writer::{BatchObserver, BatchReport};
 
+/// Logs to stderr, as text or one JSON object a line. Level info; `RUST_LOG` adds to that
+/// (`RUST_LOG=paytrace::trace=debug` turns on the per-hop trace and keeps the rest at info;
+/// `RUST_LOG=warn` lowers everything).
+pub fn init_logging(format: LogFormat) {
+    let mut builder = env_logger::Builder::new();
+    builder.parse_filters("info,tiny_http=off");
+    // RUST_LOG's directives replace the defaults of the same name, and add the others;
+    // RUST_LOG_STYLE is read too.
+    builder.parse_env(env_logger::Env::default());
+    if format == LogFormat::Json {
+        builder.format(|buf, record| {
+            let mut line = serde_json::json!({
+                "ts": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+                "level": record.level().as_str(),
+                "target": record.target(),
+            });
+            let msg = record.args().to_string();
+            // The access log's message is already a JSON object: its fields join the line.
+            match serde_json::from_str::<serde_json::Value>(&msg) {
+                Ok(serde_json::Value::Object(fields)) if record.target() == "access" => {
+                    if let Some(o) = line.as_object_mut() {
+                        o.extend(fields);
+                    }
+                }
+                _ => line["msg"] = serde_json::Value::String(msg),
+            }
+            writeln!(buf, "{line}")
+        });
+    }
+    builder.init();
+}
+
 /// Why `serve` stopped with an error: configuration (exit 2) or at run time (exit 1).
 #[derive(Debug)]
 pub enum ServeError {
@@ -30,7 +63,49 @@ pub enum ServeError {
 
 /// Builds the dependencies, binds, logs `listening on http://ADDR`, and serves until SIGTERM or
 /// SIGINT.
-pub fn run_serve(mut config: ServeConfig) -> Result<(), ServeError> {
+pub fn run_serve(config: ServeConfig) -> Result<(), ServeError> {
+    let Built {
+        app,
+        listener,
+        provider_url,
+    } = build(config)?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| ServeError::Runtime(e.to_string()))?;
+    let stop = shutdown::install_signal_handlers().map_err(ServeError::Runtime)?;
+    let background_stop = Arc::new(AtomicBool::new(false));
+    let housekeeping =
+        reconciler::spawn(app.clone(), background_stop.clone()).map_err(ServeError::Runtime)?;
+    announce(&app, addr, &provider_url);
+    // Runs until a signal, then performs steps 1–3 of the shutdown (src/lifecycle/shutdown.rs).
+    dispatch::run(app.clone(), listener, stop).map_err(ServeError::Runtime)?;
+    shutdown::teardown(&app, &background_stop, housekeeping);
+    Ok(())
+}
+
+/// What [`build`] made: the collaborators, the bound listener, and the provider's URL.
+pub struct Built {
+    pub app: Arc<App>,
+    pub listener: TcpListener,
+    pub provider_url: String,
+}
+
+/// Logs the start-up line both servers write, which scripts, tests and the bench wait for.
+pub fn announce(app: &App, addr: SocketAddr, provider_url: &str) {
+    log::info!(
+        "listening on http://{addr} (workers {}, queue {}, pool {}, connections {}, db {}); provider {}",
+        app.config.workers,
+        app.config.queue,
+        app.config.pool_size,
+        app.config.max_connections,
+        app.config.db.display(),
+        provider_url
+    );
+}
+
+/// Validates the configuration, builds the collaborators once (metrics, the pool and its
+/// writer, the provider — the simulated one in-process without `--provider-url`), and binds.
+pub fn build(mut config: ServeConfig) -> Result<Built, ServeError> {
     config.validate().map_err(ServeError::Config)?;
     // Descriptors besides the connections': SQLite keeps three per pooled connection (database,
     // WAL, shared memory); each worker's provider connection costs one here and, with the
@@ -97,9 +172,6 @@ pub fn run_serve(mut config: ServeConfig) -> Result<(), ServeError> {
     );
     let listener = TcpListener::bind(config.addr)
         .map_err(|e| ServeError::Runtime(format!("cannot bind {}: {e}", config.addr)))?;
-    let addr = listener
-        .local_addr()
-        .map_err(|e| ServeError::Runtime(e.to_string()))?;
     let app = Arc::new(App {
         timeouts: Timeouts {
             acquire: config.acquire_timeout,
@@ -117,21 +189,9 @@ pub fn run_serve(mut config: ServeConfig) -> Result<(), ServeError> {
         metrics,
         config,
     });
-    let stop = shutdown::install_signal_handlers().map_err(ServeError::Runtime)?;
-    let background_stop = Arc::new(AtomicBool::new(false));
-    let housekeeping =
-        reconciler::spawn(app.clone(), background_stop.clone()).map_err(ServeError::Runtime)?;
-    log::info!(
-        "listening on http://{addr} (workers {}, queue {}, pool {}, connections {}, db {}); provider {}",
-        app.config.workers,
-        app.config.queue,
-        app.config.pool_size,
-        app.config.max_connections,
-        app.config.db.display(),
-        provider_url
-    );
-    // Runs until a signal, then performs steps 1–3 of the shutdown (src/lifecycle/shutdown.rs).
-    dispatch::run(app.clone(), listener, stop).map_err(ServeError::Runtime)?;
-    shutdown::teardown(&app, &background_stop, housekeeping);
-    Ok(())
+    Ok(Built {
+        app,
+        listener,
+        provider_url,
+    })
 }

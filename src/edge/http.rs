@@ -71,7 +71,12 @@ pub fn header<'a>(request: &'a Request, name: &str) -> Option<&'a str> {
 
 /// 415 unless the body is declared `application/json` (parameters such as charset allowed).
 pub fn require_json(request: &Request) -> Result<(), ApiError> {
-    let declared = header(request, "Content-Type").unwrap_or("");
+    require_json_type(header(request, "Content-Type"))
+}
+
+/// 415 unless `content_type` (the header's value, if any) is `application/json`.
+pub fn require_json_type(content_type: Option<&str>) -> Result<(), ApiError> {
+    let declared = content_type.unwrap_or("");
     let media = declared.split(';').next().unwrap_or("").trim();
     if media.eq_ignore_ascii_case("application/json") {
         Ok(())
@@ -169,7 +174,12 @@ fn percent_decode(s: &str) -> String {
 
 /// A client's `X-Request-Id` if it is sane (1–128 visible ASCII), else a fresh one.
 pub fn request_id(request: &Request) -> String {
-    match header(request, "X-Request-Id") {
+    request_id_from(header(request, "X-Request-Id"))
+}
+
+/// The request id for a request whose `X-Request-Id` header is `given`.
+pub fn request_id_from(given: Option<&str>) -> String {
+    match given {
         Some(v) if is_visible_ascii(v, 128) => v.to_string(),
         _ => crate::ids::request_id(),
     }

@@ -89,7 +89,24 @@ pub struct Verdict {
 /// The links in front of every `/payments` handler, in order: auth → rate limit → deadline. A
 /// request the rate limit refuses is recorded in `report` as shed.
 pub fn protect(app: &App, info: &RequestInfo, request: &Request, report: &mut Report) -> Verdict {
-    let principal = match auth::authenticate(&app.keys, http::header(request, "Authorization")) {
+    let headers = ChainHeaders {
+        authorization: http::header(request, "Authorization"),
+        request_timeout_ms: http::header(request, "Request-Timeout-Ms"),
+    };
+    chain(app, info, headers, report)
+}
+
+/// The request headers the chain reads, whichever HTTP server parsed them.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ChainHeaders<'a> {
+    pub authorization: Option<&'a str>,
+    pub request_timeout_ms: Option<&'a str>,
+}
+
+/// The chain itself, over the headers it reads: what [`protect`] runs for tiny_http, and what
+/// any other server runs for its own requests.
+pub fn chain(app: &App, info: &RequestInfo, headers: ChainHeaders, report: &mut Report) -> Verdict {
+    let principal = match auth::authenticate(&app.keys, headers.authorization) {
         Ok(p) => p,
         Err(e) => {
             info.hop(Unit::Middleware, "auth", format_args!("refused: 401"));
@@ -110,7 +127,7 @@ pub fn protect(app: &App, info: &RequestInfo, request: &Request, report: &mut Re
             "rate-limit",
             format_args!("ok, {} left", decision.remaining),
         );
-        apply_deadline(info.deadline, http::header(request, "Request-Timeout-Ms"))
+        apply_deadline(info.deadline, headers.request_timeout_ms)
     });
     let admitted = admitted.map(|deadline| {
         trace::hop(

@@ -16,6 +16,7 @@ use crate::app::App;
 use crate::config::LogFormat;
 use crate::deadline::Step;
 use crate::flow::Report;
+use crate::provider::breaker::State;
 use crate::reply::Reply;
 use crate::server_timing::{self, Entry};
 
@@ -31,6 +32,24 @@ pub struct Observed<'a> {
 /// Describes the answer in its headers, counts it, writes it, and logs the access line.
 pub fn send(app: &App, request: Request, reply: Reply, seen: &Observed) {
     let total = seen.info.received.elapsed();
+    let reply = describe(app, reply, seen, total);
+    let status = reply.status;
+    if let Err(e) = http::send(request, &reply) {
+        log::debug!("{}: writing the response failed: {e}", seen.info.request_id);
+    }
+    access_log(
+        app,
+        seen.info,
+        status,
+        total,
+        seen.report,
+        app.provider.breaker_state(),
+    );
+}
+
+/// The answer's describing headers, and the request's metrics, for a request that took `total`:
+/// what [`send`] does before writing, for any HTTP server.
+pub fn describe(app: &App, reply: Reply, seen: &Observed, total: Duration) -> Reply {
     let route = routes::label_for(&seen.info.method, &seen.info.path);
     let mut reply = reply
         .header("X-Request-Id", seen.info.request_id.clone())
@@ -40,12 +59,8 @@ pub fn send(app: &App, request: Request, reply: Reply, seen: &Observed) {
             .header("RateLimit-Policy", app.limiter.policy_header())
             .header("RateLimit", RateLimiter::state_header(decision));
     }
-    let status = reply.status;
-    record(app, route, status, total, seen.report, true);
-    if let Err(e) = http::send(request, &reply) {
-        log::debug!("{}: writing the response failed: {e}", seen.info.request_id);
-    }
-    access_log(app, seen.info, status, total, seen.report);
+    record(app, route, reply.status, total, seen.report, true);
+    reply
 }
 
 /// Counts and logs a request the front answered itself (malformed, too slow, too large, or one
@@ -72,7 +87,14 @@ pub fn refusal(
     };
     let route = routes::label_for(&info.method, &info.path);
     record(app, route, status, total, &report, false);
-    access_log(app, &info, status, total, &report);
+    access_log(
+        app,
+        &info,
+        status,
+        total,
+        &report,
+        app.provider.breaker_state(),
+    );
 }
 
 /// `steps`: whether the request went through the steps (the front's refusals did not).
@@ -124,8 +146,16 @@ fn timing_header(route: &str, report: &Report, total: Duration) -> String {
 }
 
 /// One line per request: id, method, path, status, total and each step's milliseconds, the
-/// idempotency decision, the breaker's state. Never the API key.
-fn access_log(app: &App, info: &RequestInfo, status: u16, total: Duration, report: &Report) {
+/// idempotency decision, the breaker's state (`breaker`: the state of the breaker the server's
+/// payments go through). Never the API key.
+pub fn access_log(
+    app: &App,
+    info: &RequestInfo,
+    status: u16,
+    total: Duration,
+    report: &Report,
+    breaker: State,
+) {
     let ms = server_timing::round_ms;
     let mut fields = vec![
         ("request_id", json!(info.request_id)),
@@ -138,7 +168,7 @@ fn access_log(app: &App, info: &RequestInfo, status: u16, total: Duration, repor
         fields.push((step.ms_field(), json!(ms(report.timings.get(step)))));
     }
     fields.push(("idempotency", json!(report.idempotency.unwrap_or("-"))));
-    fields.push(("breaker", json!(app.provider.breaker_state().name())));
+    fields.push(("breaker", json!(breaker.name())));
     match app.config.log_format {
         LogFormat::Json => {
             let object: serde_json::Map<String, serde_json::Value> = fields

@@ -21,6 +21,7 @@ use super::ratelimit::Decision;
 use crate::app::App;
 use crate::error::ApiError;
 use crate::flow::{self, Caller, Report, validate};
+use crate::provider::breaker::State;
 use crate::reply::Reply;
 
 /// Which methods a route answers.
@@ -153,34 +154,42 @@ pub fn route(
     rate: &mut Option<Decision>,
 ) -> Result<Reply, ApiError> {
     let path = http::split_target(request.url()).0.to_string();
-    let method = request.method().clone();
+    let (r, id) = find(request.method().as_str(), &path)?;
+    match r.handler {
+        Handler::Immediate(answer) => Ok(answer()),
+        Handler::Open(handler) => Ok(handler(app)),
+        Handler::Protected(adapter) => {
+            let verdict = middleware::protect(app, info, request, report);
+            *rate = verdict.rate;
+            let admitted = verdict.admitted?;
+            let caller = Caller {
+                request_id: &info.request_id,
+                scope: &admitted.principal.scope,
+                deadline: admitted.deadline,
+            };
+            let id = id.to_string();
+            adapter(app, &caller, request, &id, report)
+        }
+    }
+}
+
+/// The route `method` and `path` name, with the `{id}` segment (or `""`): a path no route knows
+/// is 404; a known path with another method is 405 with `Allow`.
+pub fn find<'p>(method: &str, path: &'p str) -> Result<(&'static Route, &'p str), ApiError> {
+    let method = method.parse::<Method>().map_err(|()| ApiError::NotFound)?;
+    let method = &method;
     let mut read_allowed = false;
     let mut post_allowed = false;
     for r in ROUTES {
-        let Some(id) = r.matches(&path) else {
+        let Some(id) = r.matches(path) else {
             continue;
         };
-        if !r.methods.accepts(&method) {
+        if !r.methods.accepts(method) {
             read_allowed |= r.methods == Methods::Read;
             post_allowed |= r.methods == Methods::Post;
             continue;
         }
-        return match r.handler {
-            Handler::Immediate(answer) => Ok(answer()),
-            Handler::Open(handler) => Ok(handler(app)),
-            Handler::Protected(adapter) => {
-                let verdict = middleware::protect(app, info, request, report);
-                *rate = verdict.rate;
-                let admitted = verdict.admitted?;
-                let caller = Caller {
-                    request_id: &info.request_id,
-                    scope: &admitted.principal.scope,
-                    deadline: admitted.deadline,
-                };
-                let id = id.to_string();
-                adapter(app, &caller, request, &id, report)
-            }
-        };
+        return Ok((r, id));
     }
     let allow = match (read_allowed, post_allowed) {
         (false, false) => return Err(ApiError::NotFound),
@@ -226,11 +235,13 @@ fn get_payment(
     flow::read::get(app, caller, id, report)
 }
 
-fn healthz() -> Reply {
+/// `GET /healthz`: the process runs.
+pub fn healthz() -> Reply {
     Reply::json(200, &json!({"status": "ok"}))
 }
 
-fn readyz(app: &App) -> Reply {
+/// `GET /readyz`: 503 while draining, or while storage cannot be written or read.
+pub fn readyz(app: &App) -> Reply {
     if app.is_draining() {
         Reply::json(503, &json!({"status": "draining"}))
     } else if !app.db.storage_healthy() {
@@ -244,6 +255,11 @@ fn readyz(app: &App) -> Reply {
 
 /// `GET /metrics`: the gauges that mirror state are read now, then everything is rendered.
 fn metrics(app: &App) -> Reply {
+    render_metrics(app, app.provider.breaker_state())
+}
+
+/// The Prometheus text, with `breaker` as the state of the breaker payments go through.
+pub fn render_metrics(app: &App, breaker: State) -> Reply {
     let m = &app.metrics;
     let (open, idle) = app.db.state();
     m.pool_connections
@@ -252,8 +268,7 @@ fn metrics(app: &App) -> Reply {
     m.pool_connections
         .with_label_values(&["in_use"])
         .set(i64::from(open.saturating_sub(idle)));
-    m.breaker_state
-        .set(i64::from(app.provider.breaker_state().as_number()));
+    m.breaker_state.set(i64::from(breaker.as_number()));
     m.draining.set(i64::from(app.is_draining()));
     m.db_writer_queue.set(app.db.writer_queue() as i64);
     Reply::text(200, "text/plain; version=0.0.4; charset=utf-8", m.render())

@@ -1,10 +1,13 @@
 //! The payment flow, without an HTTP server: plain functions over plain inputs (the parsed
 //! payment, the caller's scope, the key, the deadline) returning plain results — the answer, and
 //! in the request's [`Report`] what happened on the way. The tiny_http adapter (`edge::routes`)
-//! reads a request and calls them; another server could call the same steps.
+//! reads a request and calls them; the async twin calls the same steps.
 //!
 //! - [`validate`]: the body and the key, checked before anything is borrowed.
-//! - [`payment::create`]: claim → charge → settle → persist → answer, each step with its slice.
+//! - [`payment::create`]: claim → charge → settle → persist → answer, each step with its slice;
+//!   it is [`payment::begin`] (validate, claim), the provider call, and [`payment::finish`]
+//!   (settle, persist, answer), which the async twin (`src/bin/paytrace-async/`) composes
+//!   around its awaited call.
 //! - [`outcome::settle`]: the one mapping from a provider outcome to a status and an answer.
 //! - [`read`]: `GET /payments/{id}` and `GET /payments`.
 //! - [`reconciler`]: settles, later, what a request could not.

@@ -2,19 +2,21 @@
 //! budget), settle, persist, answer. Each step takes its slice of the deadline, counts its time
 //! in the report, and logs its hop to the trace.
 
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use super::{Caller, Report, db_error, outcome, slice, validate, write};
 use crate::app::App;
 use crate::deadline::{Op, Step};
 use crate::error::ApiError;
+use crate::provider::breaker::State;
 use crate::provider::client::{ChargeOutcome, ChargeRequest};
 use crate::reply::Reply;
 use crate::store::db::Payment;
 use crate::store::idempotency::{self, Attempt, NewPayment, NextAction, Persisted, StoredResponse};
 use crate::trace::{self, Unit};
 
-/// Creates the payment `body` describes, once per `key`, for `caller`'s scope.
+/// Creates the payment `body` describes, once per `key`, for `caller`'s scope: [`begin`], the
+/// provider call, [`finish`]. Another server composes the same three steps around its own call.
 pub fn create(
     app: &App,
     caller: &Caller,
@@ -22,6 +24,44 @@ pub fn create(
     body: &[u8],
     report: &mut Report,
 ) -> Result<Reply, ApiError> {
+    let claimed = match begin(app, caller, key, body, report)? {
+        Begun::Answered(answer) => return answer,
+        Begun::Claimed(claimed) => claimed,
+    };
+
+    // 2. Charge: no connection is held; the payment id is the provider's idempotency key.
+    let charged = charge(app, caller, &claimed.payment, report);
+
+    // 3–5. Settle, persist, answer.
+    finish(app, caller, claimed, charged, report)
+}
+
+/// What [`begin`] came to: an answer already (a replay, a key in use or reused), or a payment
+/// this attempt now holds the key of and must charge.
+#[derive(Debug)]
+pub enum Begun {
+    Answered(Result<Reply, ApiError>),
+    Claimed(Claimed),
+}
+
+/// A claimed payment on its way to the provider: the payment, whether an earlier attempt may
+/// have charged it, and the attempt's key and lock token (owned, so it can cross threads).
+#[derive(Debug)]
+pub struct Claimed {
+    pub payment: Payment,
+    pub resumed: bool,
+    key: String,
+    token: String,
+}
+
+/// Steps 0 and 1: validate the body, then claim the key (pool + idempotency table).
+pub fn begin(
+    app: &App,
+    caller: &Caller,
+    key: &str,
+    body: &[u8],
+    report: &mut Report,
+) -> Result<Begun, ApiError> {
     let input = validate::parse_new_payment(body)?;
     // The lock is this attempt's own: a client's X-Request-Id may repeat, and a lock token
     // shared by two attempts would let one finish (or release) the other's key.
@@ -33,18 +73,42 @@ pub fn create(
     };
 
     // 1. Claim: borrow a connection, decide in one short transaction, give it back.
-    let (mut payment, resumed) = match claim(app, caller, attempt, &input, report)? {
-        NextAction::Replay(stored) => return Ok(outcome::replay(stored)),
-        NextAction::InUse => return Err(ApiError::KeyInUse),
-        NextAction::Reused => return Err(ApiError::KeyReused),
-        NextAction::Charge { payment, resumed } => (payment, resumed),
-    };
+    Ok(match claim(app, caller, attempt, &input, report)? {
+        NextAction::Replay(stored) => Begun::Answered(Ok(outcome::replay(stored))),
+        NextAction::InUse => Begun::Answered(Err(ApiError::KeyInUse)),
+        NextAction::Reused => Begun::Answered(Err(ApiError::KeyReused)),
+        NextAction::Charge { payment, resumed } => Begun::Claimed(Claimed {
+            payment,
+            resumed,
+            key: key.to_string(),
+            token,
+        }),
+    })
+}
 
-    // 2. Charge: no connection is held; the payment id is the provider's idempotency key.
-    let charged = charge(app, caller, &payment, report);
+/// Steps 3–5, after the provider call (`None`: it was not made, the budget left no slice):
+/// settle, persist, answer.
+pub fn finish(
+    app: &App,
+    caller: &Caller,
+    claimed: Claimed,
+    charged: Option<ChargeOutcome>,
+    report: &mut Report,
+) -> Result<Reply, ApiError> {
+    let Claimed {
+        mut payment,
+        resumed,
+        key,
+        token,
+    } = claimed;
     if matches!(charged, Some(ChargeOutcome::Rejected { .. })) {
         report.shed = Some("breaker_open");
     }
+    let attempt = Attempt {
+        scope: caller.scope,
+        key: &key,
+        token: &token,
+    };
 
     // 3. Settle: what the provider's answer means for the payment and for the client.
     let settled = outcome::settle(
@@ -151,32 +215,57 @@ fn charge(
     payment: &Payment,
     report: &mut Report,
 ) -> Option<ChargeOutcome> {
+    let timeout = charge_slice(app, caller, report)?;
+    let t = Instant::now();
+    let charged = app.provider.charge(&charge_request(payment), timeout);
+    charged_in(
+        caller,
+        &charged,
+        t.elapsed(),
+        timeout,
+        app.provider.breaker_state(),
+        report,
+    );
+    Some(charged)
+}
+
+/// The provider call's slice of the budget, starting now (and in the report); `None` when the
+/// budget left no useful one: the call is not made.
+pub fn charge_slice(app: &App, caller: &Caller, report: &mut Report) -> Option<Duration> {
     let timeout = slice(app, caller, Op::ProviderCall).ok()?;
     report.provider_slice = Some(timeout);
-    let t = Instant::now();
-    let charged = app.provider.charge(
-        &ChargeRequest {
-            idempotency_key: &payment.id,
-            amount: payment.amount,
-            currency: &payment.currency,
-            source: &payment.source,
-        },
-        timeout,
-    );
-    report.timings.add(Step::Provider, t.elapsed());
+    Some(timeout)
+}
+
+/// What is sent to the provider for `payment`: its id is the provider's idempotency key.
+pub fn charge_request(payment: &Payment) -> ChargeRequest<'_> {
+    ChargeRequest {
+        idempotency_key: &payment.id,
+        amount: payment.amount,
+        currency: &payment.currency,
+        source: &payment.source,
+    }
+}
+
+/// Records a provider call that took `took` of its `timeout`: its time in the report, its hop
+/// in the trace, with the breaker's state after it.
+pub fn charged_in(
+    caller: &Caller,
+    charged: &ChargeOutcome,
+    took: Duration,
+    timeout: Duration,
+    breaker: State,
+    report: &mut Report,
+) {
+    report.timings.add(Step::Provider, took);
     trace::hop(
         caller.request_id,
         &caller.deadline,
         Unit::Breaker,
         "call",
         Some(timeout),
-        format_args!(
-            "{} (breaker {})",
-            charged.name(),
-            app.provider.breaker_state().name()
-        ),
+        format_args!("{} (breaker {})", charged.name(), breaker.name()),
     );
-    Some(charged)
 }
 
 /// Step 4: records the outcome while this attempt still holds its key's lock. Persist's slices

@@ -36,8 +36,23 @@ pub const NO_CHARGE_MARGIN: Duration = Duration::from_secs(2);
 /// Payments looked at per round.
 const BATCH: usize = 100;
 
+/// The state of the breaker the server's payments go through: the reconciler asks the provider
+/// nothing while it is open.
+pub type BreakerView = Box<dyn Fn() -> State + Send>;
+
 /// Starts the thread; it stops within ~100 ms of `stop` being set.
 pub fn spawn(app: Arc<App>, stop: Arc<AtomicBool>) -> Result<JoinHandle<()>, String> {
+    let view = app.clone();
+    spawn_watching(app, stop, Box::new(move || view.provider.breaker_state()))
+}
+
+/// [`spawn`], for a server whose payments go through another breaker than the library
+/// client's (the async twin's): `breaker` says its state.
+pub fn spawn_watching(
+    app: Arc<App>,
+    stop: Arc<AtomicBool>,
+    breaker: BreakerView,
+) -> Result<JoinHandle<()>, String> {
     thread::Builder::new()
         .name("housekeeping".into())
         .spawn(move || {
@@ -57,7 +72,9 @@ pub fn spawn(app: Arc<App>, stop: Arc<AtomicBool>) -> Result<JoinHandle<()>, Str
                     let _ = app.db.probe_write(app.config.write_timeout);
                 }
                 if Instant::now() >= next_reconcile {
-                    reconcile(&app);
+                    if breaker() != State::Open {
+                        reconcile(&app);
+                    }
                     next_reconcile = Instant::now() + RECONCILE_EVERY;
                 }
                 if Instant::now() >= next_sweep {

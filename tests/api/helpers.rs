@@ -161,8 +161,10 @@ impl Serve {
         Serve::start_cmd(Command::new(env!("CARGO_BIN_EXE_paytrace")), dir, args)
     }
 
-    /// Starts `cmd` (with its environment, e.g. `RUST_LOG`) as `serve` on a fresh database.
+    /// Starts `cmd` (with its environment, e.g. `RUST_LOG`) as `serve` on a fresh database; a
+    /// `paytrace` command runs the server [`server_binary`] names.
     pub fn start_cmd(cmd: Command, dir: tempfile::TempDir, args: &[&str]) -> Serve {
+        let cmd = serve_command(cmd);
         let db = dir.path().join("paytrace.db");
         let mut all = vec![
             "serve",
@@ -234,6 +236,52 @@ impl Serve {
             .map(Result::unwrap)
             .collect()
     }
+}
+
+/// The binary `serve` runs: `paytrace`, or, with `PAYTRACE_TEST_SERVER=async` in a build with
+/// the `async-twin` feature, the async twin `paytrace-async`, which serves the same API — so
+/// the same tests check both servers (`.ci/run` runs the API contract's modules both ways).
+pub fn server_binary() -> &'static str {
+    match std::env::var("PAYTRACE_TEST_SERVER").as_deref() {
+        Err(_) | Ok("" | "sync") => env!("CARGO_BIN_EXE_paytrace"),
+        Ok("async") => twin_binary(),
+        Ok(other) => panic!("PAYTRACE_TEST_SERVER is `sync` or `async`, not `{other}`"),
+    }
+}
+
+#[cfg(feature = "async-twin")]
+fn twin_binary() -> &'static str {
+    env!("CARGO_BIN_EXE_paytrace-async")
+}
+
+#[cfg(not(feature = "async-twin"))]
+fn twin_binary() -> &'static str {
+    panic!("PAYTRACE_TEST_SERVER=async needs the twin: cargo test --features async-twin")
+}
+
+/// Whether the tests run against the async twin.
+pub fn on_twin() -> bool {
+    server_binary() != env!("CARGO_BIN_EXE_paytrace")
+}
+
+/// `cmd` itself, or — when it runs `paytrace` and the tests run against the twin — the same
+/// arguments, environment and directory for the twin.
+fn serve_command(cmd: Command) -> Command {
+    if !on_twin() || cmd.get_program() != env!("CARGO_BIN_EXE_paytrace") {
+        return cmd;
+    }
+    let mut twin = Command::new(server_binary());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => twin.env(k, v),
+            None => twin.env_remove(k),
+        };
+    }
+    twin.args(cmd.get_args());
+    if let Some(dir) = cmd.get_current_dir() {
+        twin.current_dir(dir);
+    }
+    twin
 }
 
 /// `paytrace provider` on a free port.

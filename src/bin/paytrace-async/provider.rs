@@ -1,0 +1,181 @@
+//! The provider call, awaited: one shared hyper client behind the twin's own breaker.
+//!
+//! What stays the library's: the breaker's state machine ([`Breaker`]), the judgement of an
+//! answer ([`classify_answer`]), the outcome type and the metric names. What differs is the
+//! wait: the call is a future, bounded by `tokio::time::timeout` with the request's provider
+//! slice, and while it is in flight no thread is held — a slow provider costs the twin a few
+//! hundred bytes per call instead of a worker.
+//!
+//! The sync server's breaker lives inside its ureq client; this one is the twin's, so the
+//! reconciler (which asks the provider through the library's client) does not see it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use paytrace::app::App;
+use paytrace::clock::Clock;
+use paytrace::metrics::Metrics;
+use paytrace::provider::breaker::{Breaker, Outcome, State, Transition};
+use paytrace::provider::client::{ChargeOutcome, ChargeRequest, classify_answer};
+use serde_json::json;
+
+/// The most of an answer that is read: a charge is a few hundred bytes.
+const ANSWER_LIMIT: usize = 64 * 1024;
+
+pub struct AsyncProvider {
+    http: Client<HttpConnector, Full<Bytes>>,
+    base: String,
+    breaker: Breaker,
+    clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
+}
+
+impl AsyncProvider {
+    /// Keeps as many idle connections as there are `--workers` (the calls in flight at most),
+    /// like the sync client; connecting may take half the provider timeout; redirects are never
+    /// followed (the Idempotency-Key and the card go to the configured provider only).
+    pub fn new(base_url: &str, app: &App) -> Result<AsyncProvider, String> {
+        let config = &app.config;
+        if !base_url.starts_with("http://") {
+            return Err(format!(
+                "the async twin speaks plain HTTP to the provider; `{base_url}` is not an http:// URL"
+            ));
+        }
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(
+            (config.provider_timeout / 2).max(Duration::from_millis(1)),
+        ));
+        connector.set_nodelay(true);
+        let http = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(config.workers as usize)
+            .build(connector);
+        Ok(AsyncProvider {
+            http,
+            base: base_url.trim_end_matches('/').to_string(),
+            breaker: Breaker::new(config.breaker(), app.clock.now()),
+            clock: app.clock.clone(),
+            metrics: app.metrics.clone(),
+        })
+    }
+
+    pub fn breaker_state(&self) -> State {
+        self.breaker.state(self.clock.now())
+    }
+
+    /// `POST /v1/charges` through the breaker, as `ProviderClient::charge` does it: rejected at
+    /// once while open; otherwise awaited within `timeout`, and its outcome and duration
+    /// recorded. Declines are successes.
+    pub async fn charge(&self, request: &ChargeRequest<'_>, timeout: Duration) -> ChargeOutcome {
+        let started = self.clock.now();
+        let (permit, transition) = self.breaker.try_acquire(started);
+        self.log_transition(transition);
+        let permit = match permit {
+            Ok(p) => p,
+            Err(rejected) => {
+                let outcome = ChargeOutcome::Rejected {
+                    retry_after: rejected.retry_after,
+                };
+                self.count(&outcome);
+                return outcome;
+            }
+        };
+        let outcome = match tokio::time::timeout(timeout, self.send_charge(request)).await {
+            Ok(outcome) => outcome,
+            Err(_) => ChargeOutcome::Timeout,
+        };
+        let counted = match outcome {
+            ChargeOutcome::Charged { .. } | ChargeOutcome::Declined { .. } => Outcome::Success,
+            _ => Outcome::Failure,
+        };
+        let now = self.clock.now();
+        self.log_transition(self.breaker.record(permit, counted, now - started, now));
+        self.count(&outcome);
+        outcome
+    }
+
+    async fn send_charge(&self, request: &ChargeRequest<'_>) -> ChargeOutcome {
+        let body = json!({
+            "amount": request.amount,
+            "currency": request.currency,
+            "source": request.source,
+        });
+        let built = axum::http::Request::post(format!("{}/v1/charges", self.base))
+            .header("Idempotency-Key", request.idempotency_key)
+            .header("Content-Type", "application/json")
+            .header("User-Agent", "paytrace")
+            .body(Full::new(Bytes::from(body.to_string())));
+        let built = match built {
+            Ok(b) => b,
+            Err(e) => {
+                return ChargeOutcome::Unreachable {
+                    detail: format!("the charge request could not be built: {e}"),
+                };
+            }
+        };
+        let response = match self.http.request(built).await {
+            Ok(r) => r,
+            Err(e) => return classify_error(&e),
+        };
+        let status = response.status().as_u16();
+        // Read to the end (up to the limit) so the connection goes back to the pool.
+        match Limited::new(response.into_body(), ANSWER_LIMIT)
+            .collect()
+            .await
+        {
+            Ok(collected) => classify_answer(status, &collected.to_bytes(), request),
+            Err(e) => ChargeOutcome::Ambiguous {
+                status,
+                detail: format!("reading the payment provider's answer failed ({e})"),
+            },
+        }
+    }
+
+    fn count(&self, outcome: &ChargeOutcome) {
+        self.metrics
+            .provider_calls
+            .with_label_values(&[outcome.name()])
+            .inc();
+    }
+
+    fn log_transition(&self, t: Option<Transition>) {
+        if let Some(t) = t {
+            log::warn!("breaker {} → {}: {}", t.from.name(), t.to.name(), t.reason);
+            self.metrics
+                .breaker_transitions
+                .with_label_values(&[t.to.name()])
+                .inc();
+        }
+    }
+}
+
+/// A failed send: nothing was sent when the connection could not be made; otherwise the
+/// provider may have acted on it.
+fn classify_error(e: &hyper_util::client::legacy::Error) -> ChargeOutcome {
+    if e.is_connect() {
+        ChargeOutcome::Unreachable {
+            detail: root_cause(e),
+        }
+    } else {
+        ChargeOutcome::Ambiguous {
+            status: 0,
+            detail: format!(
+                "the connection to the payment provider failed after sending ({})",
+                root_cause(e)
+            ),
+        }
+    }
+}
+
+/// The innermost cause of an error (reqwest's own message names only the URL).
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
+}
