@@ -51,8 +51,12 @@ impl AsyncProvider {
             (config.provider_timeout / 2).max(Duration::from_millis(1)),
         ));
         connector.set_nodelay(true);
+        // No idle connections kept, like the sync server's calls to the simulated provider
+        // (which answers `Connection: close`): a burst of new keep-alive connections to its
+        // tiny_http left some waiting behind the others (seen: 3 s provider timeouts against a
+        // 1 s provider in the shutdown tests; none with no idle pool).
         let http = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(config.workers as usize)
+            .pool_max_idle_per_host(0)
             .build(connector);
         Ok(AsyncProvider {
             http,
