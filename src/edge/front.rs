@@ -663,24 +663,29 @@ impl Relay<'_> {
                 .filter(|_| (self.not_draining)())
                 .and_then(|end| kept_alive_head(&buf[..end], head_only).map(|h| (end, h)));
             if let Some((head, body_len)) = kept {
-                let (rewritten, expected) = body_len;
-                self.write(&rewritten)?;
+                let (mut rewritten, expected) = body_len;
                 // Never more than the head announced: surplus bytes would reach the client as the
-                // start of its next answer. An answer that breaks its framing closes.
-                let mut body = 0;
-                let mut next = &buf[head..];
+                // start of its next answer. An answer that breaks its framing closes. The head
+                // goes out with the first part of the body, in one write.
+                let rest = &buf[head..];
+                let first = rest.len().min(expected);
+                rewritten.extend_from_slice(&rest[..first]);
+                self.write(&rewritten)?;
+                if rest.len() > expected {
+                    return Ok(false);
+                }
+                let mut body = first;
                 loop {
-                    let allowed = expected - body;
-                    self.write(&next[..next.len().min(allowed)])?;
-                    if next.len() > allowed {
-                        return Ok(false);
-                    }
-                    body += next.len();
                     let n = backend.read(&mut chunk)?;
                     if n == 0 {
                         return Ok(body == expected);
                     }
-                    next = &chunk[..n];
+                    let allowed = expected - body;
+                    self.write(&chunk[..n.min(allowed)])?;
+                    if n > allowed {
+                        return Ok(false);
+                    }
+                    body += n;
                 }
             }
         }

@@ -122,12 +122,29 @@ fn client(
         let (status, code, id) = match result {
             Ok(mut r) => {
                 let status = r.status().as_u16();
-                let v: Value = r
+                // An answer whose body did not arrive whole (a server killed while writing it)
+                // was not seen: the client retries it like any other lost answer.
+                let Some(v) = r
                     .body_mut()
                     .read_to_string()
                     .ok()
-                    .and_then(|b| serde_json::from_str(&b).ok())
-                    .unwrap_or(Value::Null);
+                    .and_then(|b| serde_json::from_str::<Value>(&b).ok())
+                else {
+                    answers.push(Answer {
+                        sent,
+                        done: start.elapsed().as_secs_f64(),
+                        status: 0,
+                        code: None,
+                        id: None,
+                        key: key.clone(),
+                        attempt,
+                        slow_client: false,
+                    });
+                    if retry {
+                        again = Some((key, amount, attempt));
+                    }
+                    continue;
+                };
                 let code = v["code"].as_str().map(|c| match v["step"].as_str() {
                     Some(step) => format!("{c}/{step}"),
                     None => c.to_string(),
