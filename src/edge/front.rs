@@ -52,6 +52,7 @@ use super::observe;
 use crate::app::App;
 use crate::deadline::Deadline;
 use crate::error::ApiError;
+use crate::reply::Reply;
 use crate::server_timing::{self, Entry};
 use crate::trace::{self, Unit};
 
@@ -384,13 +385,16 @@ fn is_resource_exhaustion(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(24 | 23 | 105 | 12))
 }
 
-/// One connection over `--max-connections`: a short 503 written without blocking, then closed.
-fn refuse_connection(shared: &Shared, stream: TcpStream) {
+/// The shed reason a connection over `--max-connections` is counted under.
+pub const CONNECTIONS_SHED: &str = "connections";
+
+/// The answer to a connection over `--max-connections` (503 `overloaded`), with its request id:
+/// the same from both servers.
+pub fn connections_refusal(max_connections: usize) -> (String, Reply) {
     let request_id = crate::ids::request_id();
     let reply = ApiError::Overloaded {
         detail: format!(
-            "{} connections are open, the most this server serves at once (--max-connections); retry shortly",
-            shared.limits.max_connections
+            "{max_connections} connections are open, the most this server serves at once (--max-connections); retry shortly"
         ),
         retry_after_s: 1,
     }
@@ -400,6 +404,12 @@ fn refuse_connection(shared: &Shared, stream: TcpStream) {
         "Server-Timing",
         server_timing::format(&[Entry::new("total", Duration::ZERO)]),
     );
+    (request_id, reply)
+}
+
+/// One connection over `--max-connections`: a short 503 written without blocking, then closed.
+fn refuse_connection(shared: &Shared, stream: TcpStream) {
+    let (request_id, reply) = connections_refusal(shared.limits.max_connections);
     let _ = stream.set_nonblocking(true);
     let _ = (&stream).write_all(&http::encode(&reply, false));
     let _ = stream.shutdown(Shutdown::Write);
@@ -410,7 +420,7 @@ fn refuse_connection(shared: &Shared, stream: TcpStream) {
         "",
         reply.status,
         Duration::ZERO,
-        Some("connections"),
+        Some(CONNECTIONS_SHED),
     );
 }
 

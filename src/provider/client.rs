@@ -141,6 +141,25 @@ pub enum LookupAnswer {
     Unknown(String),
 }
 
+/// Counts one provider call by its outcome (`paytrace_provider_calls_total`).
+pub fn count_call(metrics: &Metrics, outcome: &ChargeOutcome) {
+    metrics
+        .provider_calls
+        .with_label_values(&[outcome.name()])
+        .inc();
+}
+
+/// Logs and counts a breaker transition, if there was one.
+pub fn record_transition(metrics: &Metrics, t: Option<Transition>) {
+    if let Some(t) = t {
+        log::warn!("breaker {} → {}: {}", t.from.name(), t.to.name(), t.reason);
+        metrics
+            .breaker_transitions
+            .with_label_values(&[t.to.name()])
+            .inc();
+    }
+}
+
 /// The shared client: one agent (and its connection pool) behind one breaker.
 pub struct ProviderClient {
     agent: ureq::Agent,
@@ -228,20 +247,11 @@ impl ProviderClient {
     }
 
     fn count(&self, outcome: &ChargeOutcome) {
-        self.metrics
-            .provider_calls
-            .with_label_values(&[outcome.name()])
-            .inc();
+        count_call(&self.metrics, outcome);
     }
 
     fn log_transition(&self, t: Option<Transition>) {
-        if let Some(t) = t {
-            log::warn!("breaker {} → {}: {}", t.from.name(), t.to.name(), t.reason);
-            self.metrics
-                .breaker_transitions
-                .with_label_values(&[t.to.name()])
-                .inc();
-        }
+        record_transition(&self.metrics, t);
     }
 
     /// `POST /v1/charges` with `idempotency_key` (the payment id), waiting at most `timeout`.

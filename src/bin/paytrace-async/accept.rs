@@ -19,9 +19,7 @@ use hyper::service::Service;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use paytrace::app::App;
-use paytrace::edge::{http, observe};
-use paytrace::error::ApiError;
-use paytrace::server_timing::{self, Entry};
+use paytrace::edge::{front, http, observe};
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -87,20 +85,7 @@ pub async fn run(
 /// One connection over `--max-connections`: a short 503 written without waiting, then closed,
 /// and counted and logged like any refusal (as the sync server's front does).
 fn refuse_connection(app: &App, stream: tokio::net::TcpStream) {
-    let request_id = paytrace::ids::request_id();
-    let reply = ApiError::Overloaded {
-        detail: format!(
-            "{} connections are open, the most this server serves at once (--max-connections); retry shortly",
-            app.config.max_connections
-        ),
-        retry_after_s: 1,
-    }
-    .into_reply(&request_id)
-    .header("X-Request-Id", request_id.clone())
-    .header(
-        "Server-Timing",
-        server_timing::format(&[Entry::new("total", Duration::ZERO)]),
-    );
+    let (request_id, reply) = front::connections_refusal(app.config.max_connections as usize);
     let _ = stream.try_write(&http::encode(&reply, false));
     drop(stream);
     observe::refusal(
@@ -110,7 +95,7 @@ fn refuse_connection(app: &App, stream: tokio::net::TcpStream) {
         "",
         reply.status,
         Duration::ZERO,
-        Some("max_connections"),
+        Some(front::CONNECTIONS_SHED),
     );
 }
 

@@ -21,7 +21,9 @@ use paytrace::app::App;
 use paytrace::clock::Clock;
 use paytrace::metrics::Metrics;
 use paytrace::provider::breaker::{Breaker, Outcome, State, Transition};
-use paytrace::provider::client::{ChargeOutcome, ChargeRequest, classify_answer};
+use paytrace::provider::client::{
+    ChargeOutcome, ChargeRequest, classify_answer, count_call, record_transition,
+};
 use serde_json::json;
 
 /// The most of an answer that is read: a charge is a few hundred bytes.
@@ -140,20 +142,11 @@ impl AsyncProvider {
     }
 
     fn count(&self, outcome: &ChargeOutcome) {
-        self.metrics
-            .provider_calls
-            .with_label_values(&[outcome.name()])
-            .inc();
+        count_call(&self.metrics, outcome);
     }
 
     fn log_transition(&self, t: Option<Transition>) {
-        if let Some(t) = t {
-            log::warn!("breaker {} → {}: {}", t.from.name(), t.to.name(), t.reason);
-            self.metrics
-                .breaker_transitions
-                .with_label_values(&[t.to.name()])
-                .inc();
-        }
+        record_transition(&self.metrics, t);
     }
 }
 
