@@ -68,6 +68,8 @@ pub struct Metrics {
     pub breaker_state: IntGauge,
     pub breaker_transitions: IntCounterVec,
     pub provider_calls: IntCounterVec,
+    /// Charge calls sent and not yet answered (or given up on).
+    pub provider_in_flight: IntGauge,
     pub idempotency: IntCounterVec,
     pub payments: IntCounterVec,
     pub draining: IntGauge,
@@ -183,6 +185,10 @@ impl Metrics {
                 "provider_calls_total",
                 "Charge attempts by outcome (rejected: by the open breaker).",
                 &["outcome"],
+            )?,
+            provider_in_flight: gauge(
+                "provider_calls_in_flight",
+                "Charge calls sent to the provider and not yet answered or given up on.",
             )?,
             idempotency: counter_vec(
                 "idempotency_total",
@@ -302,6 +308,7 @@ mod tests {
             "paytrace_db_pool_connections{state=\"idle\"} 8",
             "paytrace_db_acquire_timeouts_total 0",
             "paytrace_breaker_state 0",
+            "paytrace_provider_calls_in_flight 0",
             "paytrace_breaker_transitions_total{to=\"open\"} 1",
             "paytrace_provider_calls_total{outcome=\"charged\"} 1",
             "paytrace_idempotency_total{outcome=\"new\"} 1",

@@ -12,14 +12,14 @@
 
 use std::io::Read;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use serde_json::json;
 
 use crate::clock::Clock;
 use crate::metrics::Metrics;
-use crate::provider::breaker::{Breaker, BreakerConfig, Outcome, State, Transition};
+use crate::provider::breaker::{Breaker, BreakerConfig, Outcome, Permit, State, Transition};
 
 /// The largest answer head accepted from the provider (nginx's default for an upstream's is
 /// 4 or 8 KiB).
@@ -141,22 +141,108 @@ pub enum LookupAnswer {
     Unknown(String),
 }
 
-/// Counts one provider call by its outcome (`paytrace_provider_calls_total`).
-pub fn count_call(metrics: &Metrics, outcome: &ChargeOutcome) {
-    metrics
-        .provider_calls
-        .with_label_values(&[outcome.name()])
-        .inc();
+/// The breaker around every charge call, and what is counted of each: both servers' clients
+/// charge through one — the sync client blocking on the call, the async twin awaiting it.
+pub struct GuardedCalls {
+    breaker: Breaker,
+    clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
 }
 
-/// Logs and counts a breaker transition, if there was one.
-pub fn record_transition(metrics: &Metrics, t: Option<Transition>) {
-    if let Some(t) = t {
-        log::warn!("breaker {} → {}: {}", t.from.name(), t.to.name(), t.reason);
-        metrics
-            .breaker_transitions
-            .with_label_values(&[t.to.name()])
+/// A call the breaker let through: counted in flight until it is finished or dropped.
+pub struct Call<'g> {
+    calls: &'g GuardedCalls,
+    permit: Permit,
+    started: Instant,
+    _in_flight: InFlight<'g>,
+}
+
+/// One charge call in `paytrace_provider_calls_in_flight` for as long as it lives: from just
+/// before the request is sent until its answer is read or the call is given up on — also when
+/// the caller unwinds, or (in the async twin) when the call's future is dropped.
+struct InFlight<'m>(&'m Metrics);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.provider_in_flight.dec();
+    }
+}
+
+impl GuardedCalls {
+    pub fn new(config: BreakerConfig, clock: Arc<dyn Clock>, metrics: Arc<Metrics>) -> Self {
+        GuardedCalls {
+            breaker: Breaker::new(config, clock.now()),
+            clock,
+            metrics,
+        }
+    }
+
+    pub fn breaker_state(&self) -> State {
+        self.breaker.state(self.clock.now())
+    }
+
+    /// Asks the breaker for a call: the call, or — while it is open — the `Rejected` outcome,
+    /// already counted.
+    pub fn admit(&self) -> Result<Call<'_>, ChargeOutcome> {
+        let started = self.clock.now();
+        let (permit, transition) = self.breaker.try_acquire(started);
+        self.record_transition(transition);
+        match permit {
+            Ok(permit) => {
+                self.metrics.provider_in_flight.inc();
+                Ok(Call {
+                    calls: self,
+                    permit,
+                    started,
+                    _in_flight: InFlight(&self.metrics),
+                })
+            }
+            Err(rejected) => {
+                let outcome = ChargeOutcome::Rejected {
+                    retry_after: rejected.retry_after,
+                };
+                self.count(&outcome);
+                Err(outcome)
+            }
+        }
+    }
+
+    /// Counts one provider call by its outcome (`paytrace_provider_calls_total`).
+    fn count(&self, outcome: &ChargeOutcome) {
+        self.metrics
+            .provider_calls
+            .with_label_values(&[outcome.name()])
             .inc();
+    }
+
+    /// Logs and counts a breaker transition, if there was one.
+    fn record_transition(&self, t: Option<Transition>) {
+        if let Some(t) = t {
+            log::warn!("breaker {} → {}: {}", t.from.name(), t.to.name(), t.reason);
+            self.metrics
+                .breaker_transitions
+                .with_label_values(&[t.to.name()])
+                .inc();
+        }
+    }
+}
+
+impl Call<'_> {
+    /// Records how the call ended (and how long it took) with the breaker, counts it, and
+    /// returns it. Declines are successes.
+    pub fn finish(self, outcome: ChargeOutcome) -> ChargeOutcome {
+        let counted = match outcome {
+            ChargeOutcome::Charged { .. } | ChargeOutcome::Declined { .. } => Outcome::Success,
+            _ => Outcome::Failure,
+        };
+        let calls = self.calls;
+        let now = calls.clock.now();
+        let transition = calls
+            .breaker
+            .record(self.permit, counted, now - self.started, now);
+        calls.record_transition(transition);
+        calls.count(&outcome);
+        outcome
     }
 }
 
@@ -165,9 +251,7 @@ pub struct ProviderClient {
     agent: ureq::Agent,
     base: String,
     connect_timeout: Duration,
-    breaker: Breaker,
-    clock: Arc<dyn Clock>,
-    metrics: Arc<Metrics>,
+    calls: GuardedCalls,
 }
 
 impl ProviderClient {
@@ -208,50 +292,21 @@ impl ProviderClient {
             agent,
             base: base_url.trim_end_matches('/').to_string(),
             connect_timeout,
-            breaker: Breaker::new(breaker, clock.now()),
-            clock,
-            metrics,
+            calls: GuardedCalls::new(breaker, clock, metrics),
         }
     }
 
     pub fn breaker_state(&self) -> State {
-        self.breaker.state(self.clock.now())
+        self.calls.breaker_state()
     }
 
     /// `POST /v1/charges` through the breaker: rejected at once while it is open; otherwise the
-    /// call is made and its outcome (and duration) recorded. Declines are successes.
+    /// call is made and its outcome (and duration) recorded.
     pub fn charge(&self, request: &ChargeRequest, timeout: Duration) -> ChargeOutcome {
-        let started = self.clock.now();
-        let (permit, transition) = self.breaker.try_acquire(started);
-        self.log_transition(transition);
-        let permit = match permit {
-            Ok(p) => p,
-            Err(rejected) => {
-                self.count(&ChargeOutcome::Rejected {
-                    retry_after: rejected.retry_after,
-                });
-                return ChargeOutcome::Rejected {
-                    retry_after: rejected.retry_after,
-                };
-            }
-        };
-        let outcome = self.send_charge(request, timeout);
-        let counted = match outcome {
-            ChargeOutcome::Charged { .. } | ChargeOutcome::Declined { .. } => Outcome::Success,
-            _ => Outcome::Failure,
-        };
-        let now = self.clock.now();
-        self.log_transition(self.breaker.record(permit, counted, now - started, now));
-        self.count(&outcome);
-        outcome
-    }
-
-    fn count(&self, outcome: &ChargeOutcome) {
-        count_call(&self.metrics, outcome);
-    }
-
-    fn log_transition(&self, t: Option<Transition>) {
-        record_transition(&self.metrics, t);
+        match self.calls.admit() {
+            Ok(call) => call.finish(self.send_charge(request, timeout)),
+            Err(rejected) => rejected,
+        }
     }
 
     /// `POST /v1/charges` with `idempotency_key` (the payment id), waiting at most `timeout`.

@@ -52,6 +52,7 @@ fn sample(agent: &ureq::Agent, url: &str, t: f64) -> Option<Sample> {
         workers_busy: m("paytrace_workers_busy"),
         breaker_state: m("paytrace_breaker_state"),
         writer_queue: m("paytrace_db_writer_queue"),
+        provider_in_flight: m("paytrace_provider_calls_in_flight"),
         shed: m("paytrace_requests_shed_total"),
         shed_queue_full: m("paytrace_requests_shed_total{reason=\"queue_full\"}"),
         acquire_timeouts: m("paytrace_db_acquire_timeouts_total"),

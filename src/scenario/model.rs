@@ -72,6 +72,7 @@ pub struct Sample {
     pub workers_busy: f64,
     pub breaker_state: f64,
     pub writer_queue: f64,
+    pub provider_in_flight: f64,
     pub shed: f64,
     pub shed_queue_full: f64,
     pub acquire_timeouts: f64,

@@ -19,7 +19,7 @@ fn breaker_name(state: f64) -> &'static str {
 pub(crate) fn print(scenario: &str, r: &RunResult) {
     println!("== {scenario} ({}) ==", r.label);
     println!(
-        "{:>6} {:>7} {:>5}  {:<44} {:>8} {:>8} {:>4} {:>5} {:<9} {:>6} {:>5}",
+        "{:>6} {:>7} {:>5}  {:<44} {:>8} {:>8} {:>4} {:>5} {:<9} {:>5} {:>6} {:>5}",
         "t s",
         "offered",
         "201",
@@ -29,6 +29,7 @@ pub(crate) fn print(scenario: &str, r: &RunResult) {
         "busy",
         "queue",
         "breaker",
+        "calls",
         "writer",
         "shed"
     );
@@ -41,7 +42,7 @@ pub(crate) fn print(scenario: &str, r: &RunResult) {
             .collect();
         let ms = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.0}ms"));
         println!(
-            "{:>6.2} {:>7} {:>5}  {:<44} {:>8} {:>9} {:>4} {:>5} {:<9} {:>6} {:>5}",
+            "{:>6.2} {:>7} {:>5}  {:<44} {:>8} {:>9} {:>4} {:>5} {:<9} {:>5} {:>6} {:>5}",
             row.t,
             row.offered,
             row.answered.get("201").copied().unwrap_or(0),
@@ -55,6 +56,7 @@ pub(crate) fn print(scenario: &str, r: &RunResult) {
             } else {
                 "down"
             },
+            row.provider_in_flight as i64,
             row.writer_queue as i64,
             row.shed as i64
         );

@@ -25,6 +25,8 @@ pub(crate) struct Row {
     /// 0 closed, 1 open, 2 half-open (`paytrace_breaker_state`).
     pub breaker: f64,
     pub writer_queue: f64,
+    /// Charge calls sent to the provider and not yet answered (`paytrace_provider_calls_in_flight`).
+    pub provider_in_flight: f64,
     /// Whether the server answered `/metrics` at the end of the slice.
     pub server_up: bool,
     /// Requests shed in the slice (`paytrace_requests_shed_total`, all reasons).
@@ -87,6 +89,7 @@ pub(crate) fn timeline(r: &RunResult) -> Vec<Row> {
             workers_busy: sample.workers_busy,
             breaker: sample.breaker_state,
             writer_queue: sample.writer_queue,
+            provider_in_flight: sample.provider_in_flight,
             server_up: sample.up,
             shed: if sample.up {
                 (sample.shed - previous_shed).max(0.0)

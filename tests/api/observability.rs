@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::process::Command;
+use std::time::Duration;
 
 use crate::helpers::*;
 
@@ -268,6 +269,7 @@ fn a_fresh_server_exports_every_known_series_at_0() {
     for name in [
         "paytrace_db_acquire_timeouts_total",
         "paytrace_breaker_state",
+        "paytrace_provider_calls_in_flight",
         "paytrace_draining",
     ] {
         expected.push(name.to_string());
@@ -289,6 +291,48 @@ fn a_fresh_server_exports_every_known_series_at_0() {
         .filter(|(_, v)| *v != 0.0)
         .collect();
     assert!(moved.is_empty(), "not 0 on a fresh server: {moved:?}");
+}
+
+#[test]
+fn provider_calls_in_flight_counts_the_calls_sent_and_not_yet_answered() {
+    let _serial = exclusive();
+    let provider = provider(&["--latency", "4s"]);
+    let serve = Serve::start(&[
+        "--provider-url",
+        &provider.url,
+        "--workers",
+        "8",
+        "--provider-timeout",
+        "8s",
+        "--request-timeout",
+        "12s",
+    ]);
+    let base = serve.url().to_string();
+    let in_flight = |m: &HashMap<String, f64>| get_metric(m, "paytrace_provider_calls_in_flight");
+    assert_eq!(in_flight(&scrape(&base)), 0.0);
+    std::thread::scope(|s| {
+        let payments: Vec<_> = (0..3)
+            .map(|i| {
+                let base = base.clone();
+                s.spawn(move || pay(&base, &format!("in-flight-{i}"), &body(100 + i)).status)
+            })
+            .collect();
+        // All three are with the provider at once (4 s each): the gauge says 3, not more.
+        eventually(
+            Duration::from_secs(20),
+            "3 provider calls in flight",
+            || (in_flight(&scrape(&base)) == 3.0).then_some(()),
+        );
+        for p in payments {
+            assert_eq!(p.join().unwrap(), 201);
+        }
+    });
+    assert_eq!(
+        in_flight(&scrape(&base)),
+        0.0,
+        "answered calls are not in flight"
+    );
+    assert_eq!(provider_stats(&provider.url)["charges"], 3);
 }
 
 /// Runs `paytrace load` with `args` to completion.

@@ -1,7 +1,7 @@
 //! The provider call, awaited: one shared hyper client behind the twin's own breaker.
 //!
-//! What stays the library's: the breaker's state machine ([`Breaker`]), the judgement of an
-//! answer ([`classify_answer`]), the outcome type and the metric names. What differs is the
+//! What stays the library's: the breaker and what is counted of each call ([`GuardedCalls`]),
+//! the judgement of an answer ([`classify_answer`]) and the outcome type. What differs is the
 //! wait: the call is a future, bounded by `tokio::time::timeout` with the request's provider
 //! slice, and while it is in flight no thread is held — a slow provider costs the twin a few
 //! hundred bytes per call instead of a worker.
@@ -9,7 +9,6 @@
 //! The sync server's breaker lives inside its ureq client; this one is the twin's, so the
 //! reconciler (which asks the provider through the library's client) does not see it.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -18,12 +17,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use paytrace::app::App;
-use paytrace::clock::Clock;
-use paytrace::metrics::Metrics;
-use paytrace::provider::breaker::{Breaker, Outcome, State, Transition};
-use paytrace::provider::client::{
-    ChargeOutcome, ChargeRequest, classify_answer, count_call, record_transition,
-};
+use paytrace::provider::breaker::State;
+use paytrace::provider::client::{ChargeOutcome, ChargeRequest, GuardedCalls, classify_answer};
 use serde_json::json;
 
 /// The most of an answer that is read: a charge is a few hundred bytes.
@@ -32,9 +27,7 @@ const ANSWER_LIMIT: usize = 64 * 1024;
 pub struct AsyncProvider {
     http: Client<HttpConnector, Full<Bytes>>,
     base: String,
-    breaker: Breaker,
-    clock: Arc<dyn Clock>,
-    metrics: Arc<Metrics>,
+    calls: GuardedCalls,
 }
 
 impl AsyncProvider {
@@ -63,45 +56,27 @@ impl AsyncProvider {
         Ok(AsyncProvider {
             http,
             base: base_url.trim_end_matches('/').to_string(),
-            breaker: Breaker::new(config.breaker(), app.clock.now()),
-            clock: app.clock.clone(),
-            metrics: app.metrics.clone(),
+            calls: GuardedCalls::new(config.breaker(), app.clock.clone(), app.metrics.clone()),
         })
     }
 
     pub fn breaker_state(&self) -> State {
-        self.breaker.state(self.clock.now())
+        self.calls.breaker_state()
     }
 
     /// `POST /v1/charges` through the breaker, as `ProviderClient::charge` does it: rejected at
     /// once while open; otherwise awaited within `timeout`, and its outcome and duration
     /// recorded. Declines are successes.
     pub async fn charge(&self, request: &ChargeRequest<'_>, timeout: Duration) -> ChargeOutcome {
-        let started = self.clock.now();
-        let (permit, transition) = self.breaker.try_acquire(started);
-        self.log_transition(transition);
-        let permit = match permit {
-            Ok(p) => p,
-            Err(rejected) => {
-                let outcome = ChargeOutcome::Rejected {
-                    retry_after: rejected.retry_after,
-                };
-                self.count(&outcome);
-                return outcome;
-            }
+        let call = match self.calls.admit() {
+            Ok(call) => call,
+            Err(rejected) => return rejected,
         };
         let outcome = match tokio::time::timeout(timeout, self.send_charge(request)).await {
             Ok(outcome) => outcome,
             Err(_) => ChargeOutcome::Timeout,
         };
-        let counted = match outcome {
-            ChargeOutcome::Charged { .. } | ChargeOutcome::Declined { .. } => Outcome::Success,
-            _ => Outcome::Failure,
-        };
-        let now = self.clock.now();
-        self.log_transition(self.breaker.record(permit, counted, now - started, now));
-        self.count(&outcome);
-        outcome
+        call.finish(outcome)
     }
 
     async fn send_charge(&self, request: &ChargeRequest<'_>) -> ChargeOutcome {
@@ -139,14 +114,6 @@ impl AsyncProvider {
                 detail: format!("reading the payment provider's answer failed ({e})"),
             },
         }
-    }
-
-    fn count(&self, outcome: &ChargeOutcome) {
-        count_call(&self.metrics, outcome);
-    }
-
-    fn log_transition(&self, t: Option<Transition>) {
-        record_transition(&self.metrics, t);
     }
 }
 
