@@ -188,6 +188,11 @@ pub struct ServeConfig {
     /// never use it in production.
     #[arg(long = "unnested-budget", env = "PAYTRACE_UNNESTED_BUDGET")]
     pub unnested_budget: bool,
+    /// A fault, for `paytrace scenario slow-database` and experiments only: every write takes
+    /// this much longer, holding the write transaction as a slow disk would; SIGUSR1 switches
+    /// it off and on. Off (0s) by default; never use it in production.
+    #[arg(long = "write-delay", env = "PAYTRACE_WRITE_DELAY", default_value = "0s", value_parser = parse_duration)]
+    pub write_delay: Duration,
     /// Log format: text or json; the level comes from RUST_LOG (default info).
     #[arg(long = "log-format", env = "PAYTRACE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

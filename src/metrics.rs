@@ -8,7 +8,7 @@
 //! still appears on its first use.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
@@ -79,6 +79,8 @@ pub struct Metrics {
     pub db_commit_seconds: Histogram,
     /// Writes waiting for the writer.
     pub db_writer_queue: IntGauge,
+    /// The write-delay fault in force (`serve --write-delay`), 0 while off.
+    pub db_write_delay: Gauge,
 }
 
 /// `db_batch_size` buckets: writes per transaction.
@@ -148,6 +150,14 @@ impl Metrics {
                 BUCKETS,
             )?,
             db_writer_queue: gauge("db_writer_queue", "Writes waiting for the single writer.")?,
+            db_write_delay: {
+                let g = Gauge::with_opts(opts(
+                    "db_write_delay_seconds",
+                    "The injected write delay in force (serve --write-delay; 0 while off).",
+                ))?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
             http_requests: counter_vec(
                 "http_requests_total",
                 "Requests answered, by route and status.",

@@ -189,9 +189,42 @@ pub fn build(mut config: ServeConfig) -> Result<Built, ServeError> {
         metrics,
         config,
     });
+    if !app.config.write_delay.is_zero() {
+        inject_write_delay(&app).map_err(ServeError::Runtime)?;
+    }
     Ok(Built {
         app,
         listener,
         provider_url,
     })
+}
+
+/// `--write-delay`: arms the fault (every write that much slower), and lets SIGUSR1 switch it
+/// off and on, for `paytrace scenario slow-database` and for experiments by hand. Without the
+/// flag SIGUSR1 keeps its default action.
+fn inject_write_delay(app: &Arc<App>) -> Result<(), String> {
+    let delay = app.config.write_delay;
+    app.db.slow_writes().arm(delay);
+    app.metrics.db_write_delay.set(delay.as_secs_f64());
+    log::warn!(
+        "fault injected: every write takes {} ms longer (--write-delay); SIGUSR1 switches it off and on",
+        delay.as_millis()
+    );
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGUSR1])
+        .map_err(|e| format!("cannot register SIGUSR1: {e}"))?;
+    // Holds the app weakly: the thread waits for signals until the process ends, and must not
+    // keep the pool alive past the shutdown.
+    let app = Arc::downgrade(app);
+    std::thread::Builder::new()
+        .name("write-delay".into())
+        .spawn(move || {
+            for _ in signals.forever() {
+                let Some(app) = app.upgrade() else { return };
+                let now = app.db.slow_writes().toggle();
+                app.metrics.db_write_delay.set(now.as_secs_f64());
+                log::warn!("write delay now {} ms (SIGUSR1)", now.as_millis());
+            }
+        })
+        .map_err(|e| format!("cannot start the write-delay thread: {e}"))?;
+    Ok(())
 }

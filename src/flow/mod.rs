@@ -137,7 +137,11 @@ fn write<T: Send + 'static>(
 ) -> Result<Result<T, DbError>, ApiError> {
     let acquire = slice(app, caller, ops.0)?;
     let wait = slice(app, caller, ops.1)?;
-    let written = app.db.write(acquire, wait, work);
+    let written = if ops.1 == Op::PersistWrite {
+        app.db.write_first(acquire, wait, work)
+    } else {
+        app.db.write(acquire, wait, work)
+    };
     report.timings.add(Step::Acquire, written.waited);
     report.timings.add(ops.1.step(), written.ran);
     let taken = !matches!(written.result, Err(DbError::AcquireTimeout));

@@ -86,6 +86,31 @@ fn put_faults(agent: &ureq::Agent, provider: &str, body: &Value) -> Result<(), S
     }
 }
 
+/// Sends SIGUSR1 to a server started with `--write-delay`, and waits until its
+/// `paytrace_db_write_delay_seconds` says the delay is `on` (non-zero) or off.
+fn switch_write_delay(server: &Proc, agent: &ureq::Agent, on: bool) -> Result<(), String> {
+    signal(server, "USR1")?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let delay = agent
+            .get(format!("{}/metrics", server.1))
+            .call()
+            .ok()
+            .and_then(|r| r.into_body().read_to_string().ok())
+            .map(|text| metric(&text, "paytrace_db_write_delay_seconds"));
+        if delay.is_some_and(|d| (d > 0.0) == on) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "the server did not switch its write delay {} within 5 s of SIGUSR1",
+                if on { "on" } else { "off" }
+            ));
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// One closed-loop client: a payment with a fresh key, wait for the answer, the next one; with
 /// `retry`, anything but a final answer is sent again at once with the same key and body.
 fn client(
@@ -320,6 +345,10 @@ pub(crate) fn execute(run: &Run, duration: Duration, seed: u64) -> Result<RunRes
     let mut server = spawn(&serve_args)?;
     let url = Arc::new(RwLock::new(server.1.clone()));
     let control = agent(Duration::from_secs(5));
+    if matches!(run.fault, Fault::SlowWrites) {
+        // Started with the fault on; the load starts without it.
+        switch_write_delay(&server, &control, false)?;
+    }
 
     let start = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
@@ -376,12 +405,14 @@ pub(crate) fn execute(run: &Run, duration: Duration, seed: u64) -> Result<RunRes
         Fault::Sigterm => signal(&server, "TERM"),
         Fault::CrashAndRestart => server.0.kill().map_err(|e| format!("cannot kill -9: {e}")),
         Fault::SlowClients { .. } => Ok(()),
+        Fault::SlowWrites => switch_write_delay(&server, &control, true),
     };
     let fault_t = start.elapsed().as_secs_f64();
     sleep_until(recover_at);
     let recovered = match &run.fault {
         Fault::Provider { off, .. } => put_faults(&control, &provider.1, off),
         Fault::Sigterm => Ok(()),
+        Fault::SlowWrites => switch_write_delay(&server, &control, false),
         Fault::SlowClients { .. } => {
             slow_until.store(true, Ordering::Relaxed);
             Ok(())

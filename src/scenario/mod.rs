@@ -199,6 +199,21 @@ pub(crate) fn catalogue() -> Vec<Scenario> {
             }],
         },
         Scenario {
+            name: "slow-database",
+            summary: "every write 60 ms slower for a while: the writer falls behind, writes wait past their acquire slice, 503s; the provider is never called for a payment whose claim was not written",
+            default_duration: secs(12),
+            runs: vec![Run {
+                label: "slow-writes",
+                serve_args: args(&["--write-delay", "60ms"]),
+                base_latency_ms: 20,
+                fault: Fault::SlowWrites,
+                fault_text: "every write 60 ms slower (--write-delay, SIGUSR1)".into(),
+                clients: 16,
+                retry: false,
+                request_timeout: secs(3),
+            }],
+        },
+        Scenario {
             name: "slow-clients",
             summary: "64 clients send their bodies a byte every 200 ms, straight to the server: the front cuts each off at --socket-timeout, the payments beside them do not notice",
             default_duration: secs(10),

@@ -21,6 +21,9 @@ pub enum Fault {
     /// `n` more clients that send a payment's head, then its body one byte every 200 ms, one
     /// after another until the fault ends.
     SlowClients { n: usize },
+    /// The server runs with `--write-delay`, switched off before the load starts; SIGUSR1
+    /// switches it on, later off again.
+    SlowWrites,
 }
 
 /// What one client saw of one request. Times are seconds since the load started.

@@ -64,6 +64,15 @@ pub(crate) struct Facts {
     /// The first 201 sent during the fault that took over three times the median 201 before it:
     /// (when, ms, the median before).
     pub first_slow_201: Option<(f64, f64, f64)>,
+    /// The most writes waiting for the writer in a sample during the fault: (when, how many).
+    pub writer_queue_peak: Option<(f64, f64)>,
+    /// Answers 503 overloaded after the fault: (the first one's time, how many, median ms).
+    pub overloaded: Option<(f64, usize, f64)>,
+    /// Writes or connections not had within their slice, during the whole run.
+    pub acquire_timeouts: f64,
+    /// 201s per second among the answers before the fault, and during it.
+    pub ok_per_s_before: f64,
+    pub ok_per_s_during: f64,
 }
 
 fn most_common<'a>(answers: impl Iterator<Item = &'a Answer>) -> Option<(String, f64)> {
@@ -136,7 +145,35 @@ pub(crate) fn facts(r: &RunResult) -> Facts {
         .filter(|a| a.code.as_deref() == Some("provider-unavailable"))
         .collect();
     let deadline_ms = r.request_timeout.as_secs_f64() * 1000.0;
+    let overloaded: Vec<&Answer> = r
+        .answers
+        .iter()
+        .filter(|a| after_fault(a.sent) && a.code.as_deref() == Some("overloaded"))
+        .collect();
+    let ok_per_s = |from: f64, to: f64| {
+        let n = r
+            .answers
+            .iter()
+            .filter(|a| a.status == 201 && a.done >= from && a.done < to)
+            .count();
+        if to > from {
+            n as f64 / (to - from)
+        } else {
+            0.0
+        }
+    };
     Facts {
+        writer_queue_peak: r
+            .samples
+            .iter()
+            .filter(|s| after_fault(s.t) && s.t <= r.recover_t && s.writer_queue > 0.0)
+            .max_by(|a, b| a.writer_queue.total_cmp(&b.writer_queue))
+            .map(|s| (s.t, s.writer_queue)),
+        overloaded: quantile(&sorted_latencies(overloaded.iter().copied()), 0.5)
+            .map(|median| (overloaded[0].done, overloaded.len(), median)),
+        acquire_timeouts: last.acquire_timeouts - base.acquire_timeouts,
+        ok_per_s_before: ok_per_s(0.0, r.fault_t),
+        ok_per_s_during: ok_per_s(r.fault_t, r.recover_t),
         first_failure,
         breaker_opened,
         breaker_half_opened,
@@ -264,7 +301,7 @@ pub(crate) fn story(r: &RunResult) -> Vec<String> {
     if let Some((t, ms, before)) = f.first_slow_201 {
         links.push((
             t,
-            format!("slow calls: first slow 201 at {t:.2} s ({ms:.0} ms, was {before:.0} ms)"),
+            format!("first slow 201 at {t:.2} s ({ms:.0} ms, was {before:.0} ms)"),
         ));
     }
     if let Some((t, label, ms)) = f.first_failure.as_ref().filter(|x| x.1 != "no answer") {
@@ -302,6 +339,28 @@ pub(crate) fn story(r: &RunResult) -> Vec<String> {
         links.push((
             t,
             format!("half-open at {t:.2} s (opened {}x in all)", f.openings),
+        ));
+    }
+    if let Some((t, n)) = f.writer_queue_peak.filter(|(_, n)| *n >= 4.0) {
+        links.push((
+            t,
+            format!("the writer falls behind: {n} writes waiting for it at {t:.2} s (unit 04)"),
+        ));
+    }
+    if let Some((t, n, ms)) = f.overloaded {
+        links.push((
+            t,
+            format!(
+                "{n} answers 503 overloaded from {t:.2} s (median {ms:.0} ms; {} writes or connections not had in time): writes that could not be committed before their callers stopped waiting were refused, nothing written, nothing sent",
+                f.acquire_timeouts
+            ),
+        ));
+        links.push((
+            r.recover_t,
+            format!(
+                "meanwhile {:.1} payments/s still succeeded ({:.1}/s before): the writer commits what can finish in time, recording sent charges first",
+                f.ok_per_s_during, f.ok_per_s_before
+            ),
         ));
     }
     if f.shed_queue_full > 0.0 {

@@ -19,7 +19,7 @@ use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehav
 use serde::Serialize;
 
 pub use super::error::DbError;
-use super::writer::{BatchObserver, WriteQueue, Written};
+use super::writer::{BatchObserver, SlowWrites, WriteQueue, Written};
 use crate::config::SyncMode;
 
 pub type Conn = PooledConnection<SqliteConnectionManager>;
@@ -165,12 +165,29 @@ impl Db {
         wait: Duration,
         work: impl FnOnce(&Transaction) -> rusqlite::Result<T> + Send + 'static,
     ) -> Written<T> {
-        self.writer.write(acquire, wait, work)
+        self.writer.write(acquire, wait, false, work)
+    }
+
+    /// [`Db::write`] for a write that records what already happened (a charge's outcome): it
+    /// goes ahead of the other writes waiting with it, so that when the writer cannot keep up,
+    /// new payments are refused before started ones go unrecorded.
+    pub fn write_first<T: Send + 'static>(
+        &self,
+        acquire: Duration,
+        wait: Duration,
+        work: impl FnOnce(&Transaction) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Written<T> {
+        self.writer.write(acquire, wait, true, work)
     }
 
     /// Writes waiting for the writer.
     pub fn writer_queue(&self) -> usize {
         self.writer.queued()
+    }
+
+    /// The write-delay fault (`serve --write-delay`).
+    pub fn slow_writes(&self) -> &SlowWrites {
+        self.writer.slow_writes()
     }
 
     /// Whether the writer is running a batch right now.
@@ -600,6 +617,98 @@ mod tests {
             .map(Result::unwrap)
             .collect();
         assert_eq!(keys, ["first", "third"]);
+    }
+
+    #[test]
+    fn a_write_recording_what_happened_goes_ahead_of_the_writes_queued_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o.db");
+        let db = Db::open(
+            &path,
+            2,
+            SyncMode::Normal,
+            Duration::from_secs(5),
+            no_observer(),
+        )
+        .unwrap();
+        let lock = hold_write_lock(&path);
+        let blocker = write_in_background(&db, "blocker");
+        eventually_queue_empty(&db);
+        let queued = |n: usize| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while db.writer_queue() < n {
+                assert!(std::time::Instant::now() < deadline, "{n} writes queue");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        let new = write_in_background(&db, "new");
+        queued(1);
+        let recorded = {
+            let db = db.clone();
+            std::thread::spawn(move || {
+                db.write_first(
+                    Duration::from_secs(5),
+                    Duration::from_secs(5),
+                    meta_insert("recorded".into()),
+                )
+            })
+        };
+        queued(2);
+        drop(lock);
+        for w in [blocker, new, recorded] {
+            assert_eq!(w.join().unwrap().result.unwrap(), 1);
+        }
+        let c = db.acquire(Duration::from_secs(1)).unwrap();
+        let order: Vec<String> = c
+            .prepare("SELECT key FROM meta WHERE key IN ('new', 'recorded') ORDER BY rowid")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(order, ["recorded", "new"], "queued later, written first");
+    }
+
+    #[test]
+    fn a_write_that_could_not_be_committed_before_its_caller_stops_waiting_is_refused_unrun() {
+        let (_dir, db) = temp_db();
+        let slow = Duration::from_millis(40);
+        db.slow_writes().arm(slow);
+        assert_eq!(db.slow_writes().current(), slow);
+        // Writes at the slow pace teach the writer how long one takes (about 40 ms).
+        for i in 0..24 {
+            let w = db.write(
+                Duration::from_secs(5),
+                Duration::from_secs(5),
+                meta_insert(format!("slow{i}")),
+            );
+            assert_eq!(w.result.unwrap(), 1);
+            assert!(w.ran >= slow, "{:?}", w.ran);
+        }
+        // This caller waits 40 ms in all: less than a write and its commit take now.
+        let t = std::time::Instant::now();
+        let impatient = db.write(
+            Duration::from_millis(20),
+            Duration::from_millis(20),
+            meta_insert("impatient".into()),
+        );
+        assert!(
+            matches!(impatient.result, Err(DbError::AcquireTimeout)),
+            "{impatient:?}"
+        );
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+        let c = db.acquire(Duration::from_secs(1)).unwrap();
+        let n: i64 = c
+            .query_row(
+                "SELECT count(*) FROM meta WHERE key = 'impatient'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(n, 0, "refused, and so never written");
+        // SIGUSR1's switch: off, then on again at the armed delay.
+        assert_eq!(db.slow_writes().toggle(), Duration::ZERO);
+        assert_eq!(db.slow_writes().toggle(), slow);
     }
 
     /// Waits (≤ 5 s) until the writer runs a batch and has taken everything queued.

@@ -16,12 +16,16 @@
 //!
 //! The budget still rules: a write not taken by the writer within its `acquire` slice is
 //! withdrawn and answered like a saturated pool (the caller's 503), and a taken one is waited
-//! for within its `write` slice. A write committed on the caller's own thread waits at most its
+//! for within its `write` slice. The writer keeps to its callers' patience too: a batch commits
+//! before the first of its callers stops waiting, a write that could not be committed in time
+//! is not started (its caller is refused at once: nothing written), and writes that record a
+//! charge already sent go ahead of new ones. When writes get slow, the server refuses new
+//! payments quickly and keeps recording the rest, rather than committing work nobody waits for. A write committed on the caller's own thread waits at most its
 //! `acquire` slice for a pooled connection and its `write` slice for SQLite's lock.
 
 use std::any::Any;
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -59,15 +63,23 @@ pub type BatchObserver = Arc<dyn Fn(BatchReport) + Send + Sync>;
 type Value = Box<dyn Any + Send>;
 type Work = Box<dyn FnOnce(&Transaction) -> rusqlite::Result<Value> + Send>;
 
-/// Where a queued write stands: the caller may withdraw it until the writer takes it.
+/// Where a queued write stands: the caller may withdraw it until the writer starts running it
+/// — while it is queued, and after the writer took it into a batch whose earlier writes are
+/// still running. A withdrawn write is skipped: nothing of it is written.
 const QUEUED: u8 = 0;
 const TAKEN: u8 = 1;
 const WITHDRAWN: u8 = 2;
+const RUNNING: u8 = 3;
 
 struct Op {
     work: Work,
     state: Arc<AtomicU8>,
     answer: Sender<Answer>,
+    /// When its caller stops waiting for the answer (the end of its acquire and write slices).
+    give_up_at: Instant,
+    /// Goes ahead of the other writes of its batch (recording the outcome of a charge that was
+    /// sent: finishing started work before taking on new).
+    first: bool,
 }
 
 struct Answer {
@@ -84,6 +96,41 @@ pub struct Written<T> {
     pub waited: Duration,
     /// From being taken to its commit being answered (the write step).
     pub ran: Duration,
+}
+
+/// A fault for experiments (`serve --write-delay`): while on, every write takes `delay` longer,
+/// inside its transaction, holding SQLite's lock as a slow disk would. Off unless armed.
+#[derive(Debug, Default)]
+pub struct SlowWrites {
+    /// The delay in microseconds; 0 while off.
+    current_us: AtomicU64,
+    /// The delay it was armed with.
+    armed_us: AtomicU64,
+}
+
+impl SlowWrites {
+    /// Switches the fault on with `delay`.
+    pub fn arm(&self, delay: Duration) {
+        let us = u64::try_from(delay.as_micros()).unwrap_or(u64::MAX);
+        self.armed_us.store(us, Ordering::SeqCst);
+        self.current_us.store(us, Ordering::SeqCst);
+    }
+
+    /// Switches an armed fault off if it is on, on if it is off; returns the delay now in force.
+    pub fn toggle(&self) -> Duration {
+        let armed = self.armed_us.load(Ordering::SeqCst);
+        let now = match self.current_us.load(Ordering::SeqCst) {
+            0 => armed,
+            _ => 0,
+        };
+        self.current_us.store(now, Ordering::SeqCst);
+        Duration::from_micros(now)
+    }
+
+    /// The delay every write takes now (zero while off).
+    pub fn current(&self) -> Duration {
+        Duration::from_micros(self.current_us.load(Ordering::SeqCst))
+    }
 }
 
 /// The queue in front of the writer thread, and the thread.
@@ -115,6 +162,8 @@ impl WriteQueue {
             commit: Mutex::new(()),
             writes_failing,
             observer,
+            slow: SlowWrites::default(),
+            pace_us: AtomicU64::new(0),
         });
         let thread = {
             let (stop, writer) = (stop.clone(), writer.clone());
@@ -146,10 +195,12 @@ impl WriteQueue {
     /// withdrawn ([`DbError::AcquireTimeout`]: nothing was written). Once taken, its answer is
     /// waited for within `wait`; [`DbError::Busy`] after that is the one answer that comes
     /// before the commit: the write may still be committed (callers treat it as "unknown").
+    /// A write `first` goes ahead of the others queued with it.
     pub fn write<T: Send + 'static>(
         &self,
         acquire: Duration,
         wait: Duration,
+        first: bool,
         work: impl FnOnce(&Transaction) -> rusqlite::Result<T> + Send + 'static,
     ) -> Written<T> {
         let handed = Instant::now();
@@ -159,6 +210,8 @@ impl WriteQueue {
             work: Box::new(move |tx| work(tx).map(|v| Box::new(v) as Value)),
             state: state.clone(),
             answer: answer_tx,
+            give_up_at: handed + acquire + wait,
+            first,
         };
         let refused = |result| Written {
             result,
@@ -172,11 +225,12 @@ impl WriteQueue {
         let op = if self.queued() == 0 {
             match self.writer.try_commit_alone(op, acquire, wait) {
                 Ok(()) => {
-                    let answer = answer_rx.try_recv().unwrap_or_else(|_| Answer {
-                        result: Err(DbError::Pool("a write went unanswered".into())),
-                        taken: handed,
-                    });
-                    return finish(answer, handed);
+                    return match answer_rx.try_recv() {
+                        Ok(answer) => finish(answer, handed),
+                        // Let go unrun: it could not have been committed in time.
+                        Err(_) if withdraw(&state, TAKEN) => refused(Err(DbError::AcquireTimeout)),
+                        Err(_) => refused(Err(DbError::Pool("a write went unanswered".into()))),
+                    };
                 }
                 Err(op) => op,
             }
@@ -190,24 +244,28 @@ impl WriteQueue {
                 return refused(Err(DbError::Pool("the database writer has stopped".into())));
             }
         }
+        // An answer not had in time, or a write the writer let go of without running it (the
+        // channel closes: it is known at once), is withdrawn if the writer has not started it.
         let answer = match answer_rx.recv_timeout(acquire) {
             Ok(answer) => answer,
-            Err(_) => {
-                // Not answered within the acquire slice: withdraw it unless the writer has
-                // taken it, in which case it runs, and its answer is worth waiting for.
-                if state
-                    .compare_exchange(QUEUED, WITHDRAWN, Ordering::SeqCst, Ordering::SeqCst)
-                    .is_ok()
-                {
+            Err(_) if withdraw(&state, QUEUED) => return refused(Err(DbError::AcquireTimeout)),
+            // Taken: it may run soon, and its answer is worth waiting for.
+            Err(_) => match answer_rx.recv_timeout(wait) {
+                Ok(answer) => answer,
+                // Still behind the batch's earlier writes: withdrawn, so the writer spends no
+                // time on a write nobody waits for.
+                Err(_) if withdraw(&state, TAKEN) => {
                     return refused(Err(DbError::AcquireTimeout));
                 }
-                match answer_rx.recv_timeout(wait) {
-                    Ok(answer) => answer,
-                    Err(_) => return refused(Err(DbError::Busy)),
-                }
-            }
+                Err(_) => return refused(Err(DbError::Busy)),
+            },
         };
         finish(answer, handed)
+    }
+
+    /// The write-delay fault (`serve --write-delay`).
+    pub fn slow_writes(&self) -> &SlowWrites {
+        &self.writer.slow
     }
 
     /// Lets the writer finish what is queued, then joins it (the last write of the process).
@@ -219,6 +277,15 @@ impl WriteQueue {
         {
             log::error!("the database writer panicked");
         }
+    }
+}
+
+/// Withdraws a write that is still `from` (queued, or taken but not started); true when it is
+/// withdrawn — by this call or already — and so will never be written.
+fn withdraw(state: &AtomicU8, from: u8) -> bool {
+    match state.compare_exchange(from, WITHDRAWN, Ordering::SeqCst, Ordering::SeqCst) {
+        Ok(_) => true,
+        Err(now) => now == WITHDRAWN,
     }
 }
 
@@ -237,38 +304,51 @@ struct Writer {
     commit: Mutex<()>,
     writes_failing: Arc<AtomicBool>,
     observer: BatchObserver,
+    slow: SlowWrites,
+    /// The moving average of the time one write takes, µs ([`Writer::pace`]).
+    pace_us: AtomicU64,
 }
 
 impl Writer {
     fn run(&self, rx: &Receiver<Op>, stop: &AtomicBool) {
+        // Taken writes a batch left for the next one (see `commit`): they go first.
+        let mut carried: Vec<Op> = Vec::new();
         loop {
-            let first = match rx.recv_timeout(IDLE_WAKE) {
-                Ok(op) => op,
-                Err(RecvTimeoutError::Timeout) if stop.load(Ordering::SeqCst) => return,
-                Err(RecvTimeoutError::Timeout) => continue,
-                Err(RecvTimeoutError::Disconnected) => return,
-            };
-            self.holding.store(1, Ordering::SeqCst);
-            // Until the lock is had, `first` stays withdrawable (its state is still QUEUED).
+            let mut batch = std::mem::take(&mut carried);
+            if batch.is_empty() {
+                match rx.recv_timeout(IDLE_WAKE) {
+                    Ok(op) => batch.push(op),
+                    Err(RecvTimeoutError::Timeout) if stop.load(Ordering::SeqCst) => return,
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+            }
+            self.holding.store(batch.len(), Ordering::SeqCst);
+            // Until the lock is had, a queued write stays withdrawable (its state is QUEUED).
             let _committing = self.commit.lock().unwrap_or_else(|e| e.into_inner());
-            let mut batch = Vec::with_capacity(16);
-            batch.push(first);
             while batch.len() < MAX_BATCH {
                 match rx.try_recv() {
                     Ok(op) => batch.push(op),
                     Err(_) => break,
                 }
             }
-            self.holding.store(0, Ordering::SeqCst);
-            // A write its caller withdrew is dropped; the others can no longer be withdrawn.
+            // A write its caller withdrew is dropped; the others are taken: withdrawable only
+            // until the writer starts them.
             batch.retain(|op| {
-                op.state
+                match op
+                    .state
                     .compare_exchange(QUEUED, TAKEN, Ordering::SeqCst, Ordering::SeqCst)
-                    .is_ok()
+                {
+                    Ok(_) => true,
+                    Err(now) => now == TAKEN,
+                }
             });
+            // Stable: in arrival order within each kind.
+            batch.sort_by_key(|op| !op.first);
             if !batch.is_empty() {
-                self.commit_batch(batch, rx.len(), self.busy, self.busy);
+                carried = self.commit_batch(batch, rx.len(), self.busy, self.busy);
             }
+            self.holding.store(carried.len(), Ordering::SeqCst);
         }
     }
 
@@ -282,42 +362,61 @@ impl Writer {
             Err(std::sync::TryLockError::WouldBlock) => return Err(op),
         };
         op.state.store(TAKEN, Ordering::SeqCst);
-        self.commit_batch(vec![op], 0, acquire, wait.min(self.busy));
+        // A batch of one is never cut short (see `commit`), so nothing is left over; a write
+        // that were would be withdrawn by its caller when the channel closes.
+        drop(self.commit_batch(vec![op], 0, acquire, wait.min(self.busy)));
         Ok(())
     }
 
-    /// Commits a fixed batch (the caller holds `commit`) and reports it if it committed.
-    fn commit_batch(&self, batch: Vec<Op>, queued: usize, connect: Duration, busy: Duration) {
+    /// Commits a batch (the caller holds `commit`) and reports it if it committed; returns the
+    /// taken writes it left for the next batch.
+    fn commit_batch(
+        &self,
+        batch: Vec<Op>,
+        queued: usize,
+        connect: Duration,
+        busy: Duration,
+    ) -> Vec<Op> {
         // From here on the batch is fixed: what arrives now waits for the next one.
         self.running.store(true, Ordering::SeqCst);
-        let size = batch.len();
-        let committed = self.commit(batch, Instant::now(), connect, busy);
+        let (committed, left) = self.commit(batch, Instant::now(), connect, busy);
         self.running.store(false, Ordering::SeqCst);
-        if let Some(commit) = committed {
+        if let Some((commit, size)) = committed.filter(|&(_, size)| size > 0) {
             (self.observer)(BatchReport {
                 size,
                 commit,
-                queued,
+                queued: queued + left.len(),
             });
         }
+        left
     }
 
     /// One transaction for the whole batch, a savepoint per write, one commit; then the
     /// answers. `connect` bounds the wait for a pooled connection, `busy` the wait for SQLite's
-    /// lock. Returns how long the transaction took from `BEGIN` if it committed.
+    /// lock. Returns how long the transaction took from `BEGIN` and how many writes it held
+    /// (withdrawn ones skipped), if it committed; and the taken writes it left for the next
+    /// transaction.
+    ///
+    /// A transaction answers its writes only when it commits, so it must commit before the
+    /// first of their callers stops waiting: once less than two writes' time (at the pace of the
+    /// last writes) is left before that moment, the rest of the batch is left for the next one.
+    /// A write that could not be written and committed before its own caller stops waiting is
+    /// let go unrun: its caller answers 503 at once, instead of 504 later. Without this, writes
+    /// slower than usual (a slow disk) made every batch outlast its callers' patience: the
+    /// writer stayed busy and every answer came too late.
     fn commit(
         &self,
         batch: Vec<Op>,
         taken: Instant,
         connect: Duration,
         busy: Duration,
-    ) -> Option<Duration> {
+    ) -> (Option<(Duration, usize)>, Vec<Op>) {
         let answers_of = |batch: Vec<Op>| batch.into_iter().map(|op| op.answer).collect();
         let mut conn = match self.pool.get_timeout(connect) {
             Ok(c) => c,
             Err(e) => {
                 fail_all(answers_of(batch), DbError::from_pool(e), taken);
-                return None;
+                return (None, Vec::new());
             }
         };
         let begun_at = Instant::now();
@@ -329,14 +428,42 @@ impl Writer {
             Err(e) => {
                 let why = self.note(DbError::from_sqlite(e));
                 fail_all(answers_of(batch), why, taken);
-                return None;
+                return (None, Vec::new());
             }
         };
         let mut done: Vec<(Sender<Answer>, Result<Value, DbError>)> =
             Vec::with_capacity(batch.len());
+        let mut left = Vec::new();
+        let mut earliest_give_up: Option<Instant> = None;
         let mut ops = batch.into_iter();
         while let Some(op) = ops.next() {
+            let now = Instant::now();
+            // Time for this write and the commit, at the pace of the last writes.
+            let needed = 2 * self.pace();
+            if earliest_give_up.is_some_and(|earliest| now + needed >= earliest) {
+                left = std::iter::once(op).chain(ops).collect();
+                break;
+            }
+            if now + needed >= op.give_up_at {
+                // It could not be written and committed before its caller stops waiting;
+                // dropping it closes its channel, which tells the caller at once that nothing
+                // was written.
+                continue;
+            }
+            if op
+                .state
+                .compare_exchange(TAKEN, RUNNING, Ordering::SeqCst, Ordering::SeqCst)
+                .is_err()
+            {
+                // Withdrawn by its caller while the writes before it ran.
+                continue;
+            }
+            let delay = self.slow.current();
+            if !delay.is_zero() {
+                thread::sleep(delay);
+            }
             let (result, intact) = run_in_savepoint(&tx, op.work);
+            self.keep_pace(now.elapsed());
             if !intact || tx.is_autocommit() {
                 // The transaction cannot be trusted any more — SQLite rolled it back (a full
                 // disk, an I/O error), or a savepoint could not be released or rolled back —
@@ -352,8 +479,10 @@ impl Writer {
                     .chain(ops.map(|op| op.answer))
                     .collect();
                 fail_all(answers, why, taken);
-                return None;
+                return (None, Vec::new());
             }
+            earliest_give_up =
+                Some(earliest_give_up.map_or(op.give_up_at, |e| e.min(op.give_up_at)));
             done.push((op.answer, result));
         }
         match tx.commit() {
@@ -365,6 +494,7 @@ impl Writer {
                     .into_iter()
                     .map(|(answer, result)| (answer, result.map_err(|e| self.note(e))))
                     .collect();
+                let size = done.len();
                 let all_stored = done
                     .iter()
                     .all(|(_, r)| !matches!(r, Err(DbError::Unavailable { .. })));
@@ -374,7 +504,7 @@ impl Writer {
                 for (answer, result) in done {
                     let _ = answer.send(Answer { result, taken });
                 }
-                Some(committed)
+                (Some((committed, size)), left)
             }
             Err(e) => {
                 let why = self.note(DbError::from_sqlite(e));
@@ -383,9 +513,21 @@ impl Writer {
                     why,
                     taken,
                 );
-                None
+                (None, left)
             }
         }
+    }
+
+    /// How long a write has taken lately (a moving average), inside its transaction.
+    fn pace(&self) -> Duration {
+        Duration::from_micros(self.pace_us.load(Ordering::Relaxed))
+    }
+
+    fn keep_pace(&self, write: Duration) {
+        let us = u64::try_from(write.as_micros()).unwrap_or(u64::MAX);
+        let pace = self.pace_us.load(Ordering::Relaxed);
+        self.pace_us
+            .store(pace - pace / 8 + us / 8, Ordering::Relaxed);
     }
 
     /// Marks a storage incident (the first failure after writes last succeeded is a new one).

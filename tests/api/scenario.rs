@@ -78,6 +78,7 @@ fn list_names_each_scenario_that_exists_on_one_line() {
             "retry-storm",
             "sigterm-under-load",
             "crash-and-restart",
+            "slow-database",
             "slow-clients"
         ]
     );
@@ -244,4 +245,26 @@ fn slow_clients_are_cut_off_by_the_front_and_the_payments_beside_them_do_not_wai
     );
     // The payments beside them: no 2 s waits (a generous bound for a busy machine).
     assert!(f["p99_during_ms"].as_f64().unwrap() < 1000.0, "{f}");
+}
+
+#[test]
+fn slow_database_refuses_what_cannot_be_written_in_time_and_keeps_recording_the_rest() {
+    let _x = exclusive();
+    let report = run_json("slow-database", "6s");
+    let f = facts(&report, "slow-writes");
+    // The writer fell behind: writes queued for it, and requests were refused with 503
+    // overloaded (nothing written, nothing sent) instead of waiting past their slices.
+    assert!(
+        f["writer_queue_peak"][1].as_f64().unwrap_or(0.0) >= 2.0,
+        "{f}"
+    );
+    assert!(f["overloaded"][1].as_u64().unwrap_or(0) > 0, "{f}");
+    assert!(f["acquire_timeouts"].as_f64().unwrap() > 0.0, "{f}");
+    // And it kept committing what could finish in time: payments still succeeded during the
+    // fault (a writer whose batches outlast every caller's patience records none).
+    assert!(f["ok_per_s_during"].as_f64().unwrap() > 0.0, "{f}");
+    assert!(
+        f["ok_per_s_before"].as_f64().unwrap() > f["ok_per_s_during"].as_f64().unwrap(),
+        "{f}"
+    );
 }
