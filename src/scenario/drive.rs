@@ -15,6 +15,7 @@ use serde_json::Value;
 
 use super::invariants;
 use super::model::{Answer, Fault, Run, RunResult, Sample, TICK};
+use super::nginx::Nginx;
 use crate::bench::{Proc, spawn};
 use crate::config::DEV_API_KEY;
 
@@ -253,7 +254,12 @@ fn trickle(addr: &str, head: &[u8], body: &[u8], until: &AtomicBool) -> u16 {
     for byte in body {
         thread::sleep(Duration::from_millis(200));
         // Stop early when the server has answered (the write fails) or the fault is over.
-        if until.load(Ordering::Relaxed) || stream.write_all(&[*byte]).is_err() {
+        if until.load(Ordering::Relaxed) {
+            // Given up: whatever answers a request whose body never came has a second.
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+            break;
+        }
+        if stream.write_all(&[*byte]).is_err() {
             break;
         }
     }
@@ -343,7 +349,18 @@ pub(crate) fn execute(run: &Run, duration: Duration, seed: u64) -> Result<RunRes
     ];
     serve_args.extend(run.serve_args.iter().cloned());
     let mut server = spawn(&serve_args)?;
-    let url = Arc::new(RwLock::new(server.1.clone()));
+    // Where the clients send their requests, and where `/metrics` is read: the same server,
+    // unless the clients go through nginx.
+    let server_url = Arc::new(RwLock::new(server.1.clone()));
+    let front = if run.via_nginx {
+        Some(Nginx::start(&server.1)?)
+    } else {
+        None
+    };
+    let url = match &front {
+        Some(nginx) => Arc::new(RwLock::new(nginx.url.clone())),
+        None => server_url.clone(),
+    };
     let control = agent(Duration::from_secs(5));
     if matches!(run.fault, Fault::SlowWrites) {
         // Started with the fault on; the load starts without it.
@@ -361,7 +378,7 @@ pub(crate) fn execute(run: &Run, duration: Duration, seed: u64) -> Result<RunRes
         .collect();
     let samples = Arc::new(Mutex::new(Vec::new()));
     let sampler = {
-        let (url, stop, samples) = (url.clone(), stop.clone(), samples.clone());
+        let (url, stop, samples) = (server_url.clone(), stop.clone(), samples.clone());
         thread::spawn(move || {
             let agent = agent(Duration::from_secs(1));
             let mut next = start + TICK;
@@ -421,7 +438,7 @@ pub(crate) fn execute(run: &Run, duration: Duration, seed: u64) -> Result<RunRes
             let _ = server.0.wait();
             // The same command on the same database; a new port, which the clients pick up.
             spawn(&serve_args).map(|restarted| {
-                if let Ok(mut u) = url.write() {
+                if let Ok(mut u) = server_url.write() {
                     *u = restarted.1.clone();
                 }
                 server = restarted;
@@ -463,6 +480,7 @@ pub(crate) fn execute(run: &Run, duration: Duration, seed: u64) -> Result<RunRes
         signalled,
         run.request_timeout + Duration::from_secs(5),
     );
+    drop(front);
     drop(provider);
     let invariants = invariants::check_invariants(&db, &answers, &stats, settled_after, exit)?;
     Ok(RunResult {
@@ -472,6 +490,7 @@ pub(crate) fn execute(run: &Run, duration: Duration, seed: u64) -> Result<RunRes
         recover_t,
         duration: duration.as_secs_f64(),
         request_timeout: run.request_timeout,
+        via_nginx: run.via_nginx,
         server_exit: exit,
         answers,
         samples,

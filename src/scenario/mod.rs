@@ -1,8 +1,9 @@
 //! `paytrace scenario`: watch the units fail together. Each scenario starts its own
 //! `paytrace provider` and `paytrace serve` (this same binary, free loopback ports, a temporary
-//! database), drives closed-loop load with fresh idempotency keys, injects one failure through
-//! the provider's run-time fault control (`PUT /_control/faults`) at a fixed moment, removes it
-//! later, and prints what happened three ways:
+//! database), drives closed-loop load with fresh idempotency keys, injects one failure at a
+//! fixed moment — through the provider's run-time fault control (`PUT /_control/faults`), a
+//! signal to the server, or slow clients — removes it later, and prints what happened three
+//! ways:
 //!
 //! - a **timeline** ([`timeline::Row`]), one row per 250 ms: what the clients were answered and
 //!   what `/metrics` said at that moment;
@@ -16,6 +17,7 @@
 mod drive;
 mod invariants;
 mod model;
+mod nginx;
 mod report;
 mod story;
 mod timeline;
@@ -81,6 +83,7 @@ pub(crate) fn catalogue() -> Vec<Scenario> {
                 },
                 fault_text: "provider fails every call (500)".into(),
                 clients: 8,
+                via_nginx: false,
                 retry: false,
                 request_timeout: secs(3),
             }],
@@ -99,6 +102,7 @@ pub(crate) fn catalogue() -> Vec<Scenario> {
                 },
                 fault_text: "provider latency x20 (40 ms -> 800 ms)".into(),
                 clients: 8,
+                via_nginx: false,
                 retry: false,
                 request_timeout: secs(3),
             }],
@@ -118,6 +122,7 @@ pub(crate) fn catalogue() -> Vec<Scenario> {
                     },
                     fault_text: "provider latency 40 ms -> 5 s".into(),
                     clients: 8,
+                    via_nginx: false,
                     retry: false,
                     request_timeout: secs(3),
                 },
@@ -137,6 +142,7 @@ pub(crate) fn catalogue() -> Vec<Scenario> {
                     },
                     fault_text: "provider latency 40 ms -> 5 s".into(),
                     clients: 8,
+                    via_nginx: false,
                     retry: false,
                     request_timeout: secs(3),
                 },
@@ -163,6 +169,7 @@ pub(crate) fn catalogue() -> Vec<Scenario> {
                 },
                 fault_text: "provider fails every call (500), clients retry at once".into(),
                 clients: 3,
+                via_nginx: false,
                 retry: true,
                 request_timeout: secs(3),
             }],
@@ -178,6 +185,7 @@ pub(crate) fn catalogue() -> Vec<Scenario> {
                 fault: Fault::Sigterm,
                 fault_text: "SIGTERM to the server".into(),
                 clients: 8,
+                via_nginx: false,
                 retry: false,
                 request_timeout: secs(3),
             }],
@@ -194,6 +202,7 @@ pub(crate) fn catalogue() -> Vec<Scenario> {
                 fault: Fault::CrashAndRestart,
                 fault_text: "kill -9 of the server".into(),
                 clients: 8,
+                via_nginx: false,
                 retry: true,
                 request_timeout: secs(3),
             }],
@@ -209,24 +218,32 @@ pub(crate) fn catalogue() -> Vec<Scenario> {
                 fault: Fault::SlowWrites,
                 fault_text: "every write 60 ms slower (--write-delay, SIGUSR1)".into(),
                 clients: 16,
+                via_nginx: false,
                 retry: false,
                 request_timeout: secs(3),
             }],
         },
         Scenario {
             name: "slow-clients",
-            summary: "64 clients send their bodies a byte every 200 ms, straight to the server: the front cuts each off at --socket-timeout, the payments beside them do not notice",
+            summary: "64 clients send their bodies a byte every 200 ms, straight to the server (its front cuts each off at --socket-timeout), then through the shipped nginx config (which holds them): the payments beside them do not notice",
             default_duration: secs(10),
-            runs: vec![Run {
-                label: "slow-clients",
-                serve_args: args(&["--socket-timeout", "2s"]),
-                base_latency_ms: 40,
-                fault: Fault::SlowClients { n: 64 },
-                fault_text: "64 clients sending a byte every 200 ms".into(),
-                clients: 8,
-                retry: false,
-                request_timeout: secs(3),
-            }],
+            runs: [("direct", false), ("nginx", true)]
+                .into_iter()
+                .map(|(label, via_nginx)| Run {
+                    label,
+                    serve_args: args(&["--socket-timeout", "2s"]),
+                    base_latency_ms: 40,
+                    fault: Fault::SlowClients { n: 64 },
+                    fault_text: format!(
+                        "64 clients sending a byte every 200 ms{}",
+                        if via_nginx { ", through nginx" } else { "" }
+                    ),
+                    clients: 8,
+                    via_nginx,
+                    retry: false,
+                    request_timeout: secs(3),
+                })
+                .collect(),
         },
     ]
 }
@@ -252,6 +269,13 @@ pub fn run(config: ScenarioConfig) -> u8 {
     let duration = config.duration.unwrap_or(scenario.default_duration);
     let mut results = Vec::new();
     for (i, run) in scenario.runs.iter().enumerate() {
+        if run.via_nginx && !nginx::installed() {
+            eprintln!(
+                "paytrace scenario {}: run {} skipped: it needs nginx on PATH (the other runs go on)",
+                scenario.name, run.label
+            );
+            continue;
+        }
         if !config.json {
             eprintln!(
                 "paytrace scenario {}: run {} ({}), {:.1}s ...",

@@ -99,6 +99,9 @@ pub struct Run {
     pub fault_text: String,
     /// Closed-loop clients.
     pub clients: usize,
+    /// The clients (slow ones too) reach the server through the shipped nginx config instead
+    /// of directly.
+    pub via_nginx: bool,
     /// Whether a client sends the same request again, at once and with the same key, after
     /// anything but a final answer (201, 402) — a retry storm — instead of a fresh one.
     pub retry: bool,
@@ -116,6 +119,8 @@ pub struct RunResult {
     pub server_exit: Option<i32>,
     pub duration: f64,
     pub request_timeout: Duration,
+    /// Whether the clients went through nginx.
+    pub via_nginx: bool,
     pub answers: Vec<Answer>,
     pub samples: Vec<Sample>,
     pub invariants: Vec<Invariant>,

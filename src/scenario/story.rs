@@ -73,6 +73,8 @@ pub(crate) struct Facts {
     /// 201s per second among the answers before the fault, and during it.
     pub ok_per_s_before: f64,
     pub ok_per_s_during: f64,
+    /// The most workers busy in a sample during the fault.
+    pub busy_max_during: f64,
 }
 
 fn most_common<'a>(answers: impl Iterator<Item = &'a Answer>) -> Option<(String, f64)> {
@@ -174,6 +176,12 @@ pub(crate) fn facts(r: &RunResult) -> Facts {
         acquire_timeouts: last.acquire_timeouts - base.acquire_timeouts,
         ok_per_s_before: ok_per_s(0.0, r.fault_t),
         ok_per_s_during: ok_per_s(r.fault_t, r.recover_t),
+        busy_max_during: r
+            .samples
+            .iter()
+            .filter(|s| after_fault(s.t) && s.t <= r.recover_t)
+            .map(|s| s.workers_busy)
+            .fold(0.0, f64::max),
         first_failure,
         breaker_opened,
         breaker_half_opened,
@@ -182,21 +190,23 @@ pub(crate) fn facts(r: &RunResult) -> Facts {
         before_open,
         rejected_median_ms: quantile(&sorted_latencies(rejected.iter().copied()), 0.5),
         rejected: rejected.len(),
+        // The slow clients' requests are never answered by the budget: they are not counted
+        // among the answers to requests that were read.
         near_deadline: r
             .answers
             .iter()
-            .filter(|a| a.latency_ms() >= deadline_ms - 100.0)
+            .filter(|a| !a.slow_client && a.latency_ms() >= deadline_ms - 100.0)
             .count(),
         after_deadline: r
             .answers
             .iter()
-            .filter(|a| a.latency_ms() > deadline_ms)
+            .filter(|a| !a.slow_client && a.latency_ms() > deadline_ms)
             .count(),
         fault_max_ms: quantile(
             &sorted_latencies(
                 r.answers
                     .iter()
-                    .filter(|a| a.sent >= r.fault_t && a.sent < r.recover_t),
+                    .filter(|a| !a.slow_client && a.sent >= r.fault_t && a.sent < r.recover_t),
             ),
             1.0,
         ),
@@ -246,7 +256,7 @@ pub(crate) fn facts(r: &RunResult) -> Facts {
         first_no_answer: r
             .answers
             .iter()
-            .find(|a| after_fault(a.sent) && a.status == 0)
+            .find(|a| after_fault(a.sent) && a.status == 0 && !a.slow_client)
             .map(|a| a.done),
         server_back: r
             .samples
@@ -341,7 +351,7 @@ pub(crate) fn story(r: &RunResult) -> Vec<String> {
             format!("half-open at {t:.2} s (opened {}x in all)", f.openings),
         ));
     }
-    if let Some((t, n)) = f.writer_queue_peak.filter(|(_, n)| *n >= 4.0) {
+    if let Some((t, n)) = f.writer_queue_peak.filter(|_| f.acquire_timeouts > 0.0) {
         links.push((
             t,
             format!("the writer falls behind: {n} writes waiting for it at {t:.2} s (unit 04)"),
@@ -373,13 +383,20 @@ pub(crate) fn story(r: &RunResult) -> Vec<String> {
         ));
     }
     if let Some((n, median, labels)) = &f.slow_clients {
-        links.push((
-            r.fault_t,
+        let text = if r.via_nginx {
             format!(
-                "{n} slow requests, each cut off after ~{median:.0} ms ({}): the front reads a request whole before a worker sees it",
-                labels.join(", ")
-            ),
-        ));
+                "{n} slow requests, held by nginx until their clients gave up (~{median:.0} ms; {}): nginx forwards a request only once its body is whole, and its client_body_timeout (5 s) is the longest pause between two reads, so a byte every 200 ms is never cut off; paytrace never saw them, its workers at most {} busy",
+                labels.join(", "),
+                f.busy_max_during
+            )
+        } else {
+            format!(
+                "{n} slow requests, each cut off after ~{median:.0} ms ({}): the front reads a request whole within --socket-timeout before a worker sees it; workers at most {} busy",
+                labels.join(", "),
+                f.busy_max_during
+            )
+        };
+        links.push((r.fault_t, text));
         if let (Some(before), Some(during)) = (f.p99_before_ms, f.p99_during_ms) {
             links.push((
                 r.recover_t,

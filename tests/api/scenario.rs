@@ -229,7 +229,7 @@ fn crash_and_restart_loses_nothing_and_charges_nothing_twice() {
 fn slow_clients_are_cut_off_by_the_front_and_the_payments_beside_them_do_not_wait() {
     let _x = exclusive();
     let report = run_json("slow-clients", "6s");
-    let f = facts(&report, "slow-clients");
+    let f = facts(&report, "direct");
     let slow = &f["slow_clients"];
     assert!(slow[0].as_u64().unwrap() >= 32, "{f}");
     // Cut off at --socket-timeout (2 s) with a 408, not served a byte at a time for 10 s.
@@ -245,6 +245,20 @@ fn slow_clients_are_cut_off_by_the_front_and_the_payments_beside_them_do_not_wai
     );
     // The payments beside them: no 2 s waits (a generous bound for a busy machine).
     assert!(f["p99_during_ms"].as_f64().unwrap() < 1000.0, "{f}");
+
+    // Through the shipped nginx config: nginx holds each slow request until its client gives
+    // up at the end of the fault (its body timeout is per read, not per request), answers none
+    // of them, and the payments beside them still do not wait.
+    let f = facts(&report, "nginx");
+    let slow = &f["slow_clients"];
+    assert!(slow[0].as_u64().unwrap() >= 32, "{f}");
+    assert_eq!(slow[2], serde_json::json!(["slow client: closed"]), "{f}");
+    assert!(slow[1].as_f64().unwrap() > 2000.0, "held past 2 s: {f}");
+    assert!(f["p99_during_ms"].as_f64().unwrap() < 1000.0, "{f}");
+    assert!(
+        f["busy_max_during"].as_f64().unwrap() <= 9.0,
+        "8 clients and a scrape: {f}"
+    );
 }
 
 #[test]
