@@ -63,7 +63,7 @@ pub use self::request::RECEIVED_HEADER;
 /// How long a connection thread waits for another connection before it ends.
 const IDLE_THREAD: Duration = Duration::from_secs(2);
 /// Requests one connection may send before an answer closes it.
-const MAX_REQUESTS_PER_CONNECTION: usize = 1000;
+pub const MAX_REQUESTS_PER_CONNECTION: usize = 1000;
 /// Largest answer head the front rewrites to keep a connection alive; a larger one is passed
 /// through and closes the connection.
 const MAX_ANSWER_HEAD: usize = 16 * 1024;

@@ -238,6 +238,24 @@ fn healthz_kept_alive(s: &mut TcpStream) -> bool {
     text.contains("connection: keep-alive")
 }
 
+/// No connection is kept forever: its 1,000th answer says `close`, and it is closed.
+#[test]
+fn a_connection_is_closed_after_its_thousandth_request() {
+    let serve = burst_server();
+    let mut s = TcpStream::connect(serve.proc.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    for i in 1..1000 {
+        assert!(healthz_kept_alive(&mut s), "request {i} is kept alive");
+    }
+    assert!(!healthz_kept_alive(&mut s), "the 1,000th says close");
+    let mut rest = Vec::new();
+    assert_eq!(
+        s.read_to_end(&mut rest).unwrap(),
+        0,
+        "and the connection ends"
+    );
+}
+
 #[test]
 fn one_connection_carries_many_requests_and_payments() {
     let serve = burst_server();

@@ -7,9 +7,14 @@
 //! 503 `shutting-down`; so here each connection, after the close, gets one more second to start
 //! a request unless one is already in flight, and only then is told to shut down gracefully
 //! (hyper finishes the request in flight, then closes).
+//!
+//! When every `--max-connections` slot is taken, the kept-alive connection that has waited
+//! longest for its client's next request is closed to make room, as the sync front does: an idle
+//! connection never costs a new client its turn. Only when none is idle is the new one refused.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
@@ -33,13 +38,56 @@ const GRACE: Duration = Duration::from_secs(1);
 #[derive(Clone, Copy, Debug)]
 pub struct NthOnConnection(pub u64);
 
-/// What the drain needs to know of one connection.
+/// What the drain and the accept loop need to know of one connection.
 #[derive(Default)]
 struct Connection {
     /// Requests started on it.
     started: AtomicU64,
     /// Requests whose answer is not ready yet.
     active: AtomicUsize,
+    /// When its last answer was ready: with `active` 0 and a request served, it is a kept-alive
+    /// connection waiting for its client.
+    idle_since: Mutex<Option<Instant>>,
+    /// Cancelled to close it gracefully, to give its slot to a new client.
+    evict: CancellationToken,
+}
+
+/// The open connections, for the accept loop to find an idle kept-alive one to close.
+#[derive(Default)]
+struct Open {
+    next: AtomicU64,
+    by_id: Mutex<HashMap<u64, Arc<Connection>>>,
+}
+
+impl Open {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Connection>>> {
+        self.by_id.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Closes the kept-alive connection that has waited longest for its client, if one does:
+    /// like the sync front, a connection kept alive never takes the slot a new client needs.
+    fn evict_longest_idle(&self) -> bool {
+        let open = self.lock();
+        let idlest = open
+            .values()
+            .filter(|c| {
+                !c.evict.is_cancelled()
+                    && c.active.load(Ordering::SeqCst) == 0
+                    && c.started.load(Ordering::SeqCst) > 0
+            })
+            .filter_map(|c| {
+                let since = *c.idle_since.lock().unwrap_or_else(|e| e.into_inner());
+                since.map(|since| (since, c))
+            })
+            .min_by_key(|(since, _)| *since);
+        match idlest {
+            Some((_, c)) => {
+                c.evict.cancel();
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 /// Accepts until `close` is cancelled, then drops the listener (new connections are refused);
@@ -54,6 +102,7 @@ pub async fn run(
 ) {
     let max = app.config.max_connections as usize;
     let socket_timeout = app.config.socket_timeout;
+    let registry = Arc::new(Open::default());
     loop {
         let stream = tokio::select! {
             _ = close.cancelled() => break,
@@ -69,14 +118,25 @@ pub async fn run(
             },
         };
         let _ = stream.set_nodelay(true);
-        if open.load(Ordering::SeqCst) >= max {
+        // Full: an idle kept-alive connection gives up its slot (it closes at once; the count
+        // falls when its task ends), or the new one is refused.
+        if open.load(Ordering::SeqCst) >= max && !registry.evict_longest_idle() {
             refuse_connection(&app, stream);
             continue;
         }
         open.fetch_add(1, Ordering::SeqCst);
-        let (router, close, open) = (router.clone(), close.clone(), open.clone());
+        let id = registry.next.fetch_add(1, Ordering::SeqCst);
+        let state = Arc::new(Connection::default());
+        registry.lock().insert(id, state.clone());
+        let (router, close, open, registry) = (
+            router.clone(),
+            close.clone(),
+            open.clone(),
+            registry.clone(),
+        );
         connections.spawn(async move {
-            serve(stream, router, close, socket_timeout).await;
+            serve(stream, router, close, socket_timeout, state).await;
+            registry.lock().remove(&id);
             open.fetch_sub(1, Ordering::SeqCst);
         });
     }
@@ -104,8 +164,8 @@ async fn serve(
     router: Router,
     close: CancellationToken,
     socket_timeout: Duration,
+    state: Arc<Connection>,
 ) {
-    let state = Arc::new(Connection::default());
     let service = {
         let (inner, state) = (TowerToHyperService::new(router), state.clone());
         hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
@@ -115,6 +175,7 @@ async fn serve(
             let (answer, state) = (inner.call(request), state.clone());
             async move {
                 let answered = answer.await;
+                *state.idle_since.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
                 state.active.fetch_sub(1, Ordering::SeqCst);
                 answered
             }
@@ -132,6 +193,12 @@ async fn serve(
     tokio::pin!(connection);
     tokio::select! {
         served = connection.as_mut() => return log_end(served),
+        _ = state.evict.cancelled() => {
+            // Between requests: hyper closes it at once (a request that just started is
+            // finished first).
+            connection.as_mut().graceful_shutdown();
+            return log_end(connection.await);
+        }
         _ = close.cancelled() => {}
     }
     let seen = state.started.load(Ordering::SeqCst);

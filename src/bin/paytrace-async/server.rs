@@ -27,11 +27,11 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use paytrace::app::App;
 use paytrace::deadline::{Deadline, Step};
 use paytrace::edge::front::request::{MAX_HEADER_BYTES, MAX_HEADER_FIELDS, MAX_REQUEST_LINE};
-use paytrace::edge::http;
 use paytrace::edge::middleware::{self, ChainHeaders, RequestInfo};
 use paytrace::edge::observe::{self, Observed};
 use paytrace::edge::ratelimit::Decision;
 use paytrace::edge::routes;
+use paytrace::edge::{front, http};
 use paytrace::error::ApiError;
 use paytrace::flow::payment::{self, Begun};
 use paytrace::flow::{self, Caller, Report, validate};
@@ -104,8 +104,11 @@ pub async fn handle(State(twin): State<Arc<Twin>>, request: Request) -> Response
         "request-id",
         format_args!("{} {}", info.method, info.path),
     );
-    let wants_keep_alive = wants_keep_alive(&parts);
     let nth = parts.extensions.get::<NthOnConnection>().map_or(1, |n| n.0);
+    // The last request a connection may carry says `close`, as on the sync front. (Pipelined
+    // requests need no check here: hyper reads and answers them one after another.)
+    let wants_keep_alive =
+        wants_keep_alive(&parts) && nth < front::MAX_REQUESTS_PER_CONNECTION as u64;
     if nth > 1 && twin.closing.load(Ordering::SeqCst) {
         // Not in flight when the listener closed: this connection's earlier request was.
         info.hop(
