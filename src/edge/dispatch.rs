@@ -11,8 +11,9 @@
 //! pool, and hands a refused one to the answerer thread, which writes the 503, counts and logs
 //! it. Admission never waits for a refusal to be written, so a flood of refusals costs the
 //! requests that do get in nothing but the dispatcher's few microseconds per refusal. Liveness
-//! (`/healthz`) and the live page's routes go the same way, never through the queue: a server whose workers are all
-//! busy is overloaded, not dead, and must not be restarted for it.
+//! (`/healthz`) goes the same way, never through the queue: a server whose workers are all
+//! busy is overloaded, not dead, and must not be restarted for it. So do the live page's
+//! routes (`live/`), which must show an overloaded server, not wait behind its payments.
 //!
 //! The front (`front.rs`) owns the client sockets and hands tiny_http complete requests over a
 //! unix socket in a private directory; the prober (`liveness.rs`) checks that tiny_http still

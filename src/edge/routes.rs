@@ -244,7 +244,8 @@ pub fn find<'p>(method: &str, path: &'p str) -> Result<(&'static Route, &'p str)
         (true, false, false) => "GET, HEAD",
         (false, true, false) => "POST",
         (false, false, true) => "PUT",
-        (true, true, _) => "GET, POST",
+        (true, true, false) => "GET, POST",
+        (true, true, true) => "GET, POST, PUT",
         (true, false, true) => "GET, PUT",
         (false, true, true) => "POST, PUT",
     };
