@@ -185,9 +185,10 @@ fn the_page_and_its_state_answer_while_every_worker_is_busy_and_the_queue_is_ful
         r#"{"latency_ms": 3000}"#,
     );
     assert_eq!(set.status, 200, "{}", set.body);
-    // Two at a time: four sent at once could all reach the queue before a worker took one.
+    // Two at a time (four sent at once could all reach the queue before a worker took one),
+    // the first two with their charges in flight before the next two are sent.
     let mut holders = Vec::new();
-    for (first, busy, queued) in [(0, 2, 0), (2, 2, 2)] {
+    for (first, queued) in [(0, 0), (2, 2)] {
         for i in first..first + 2 {
             let url = url.clone();
             holders.push(thread::spawn(move || {
@@ -196,8 +197,10 @@ fn the_page_and_its_state_answer_while_every_worker_is_busy_and_the_queue_is_ful
         }
         let mut last = Value::Null;
         let reached = (0..100).any(|_| {
-            last = state(&url)["units"]["workers"].clone();
-            let reached = last["busy"] == busy && last["queue_depth"] == queued;
+            last = state(&url)["units"].clone();
+            let reached = last["workers"]["busy"] == 2
+                && last["workers"]["queue_depth"] == queued
+                && last["breaker"]["in_flight"] == 2;
             if !reached {
                 thread::sleep(Duration::from_millis(20));
             }
@@ -205,7 +208,7 @@ fn the_page_and_its_state_answer_while_every_worker_is_busy_and_the_queue_is_ful
         });
         assert!(
             reached,
-            "not within 2 s: {busy} busy, {queued} queued: {last}"
+            "not within 2 s: 2 busy with their charges in flight, {queued} queued: {last}"
         );
     }
     let shed = pay(&url, "busy-shed", &body(100));
