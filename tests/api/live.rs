@@ -491,4 +491,16 @@ fn in_a_real_browser_the_page_opens_the_breaker_from_its_controls() {
         reason.as_str().unwrap().contains("closed → open"),
         "{reason}"
     );
+
+    // A short burst from the page's own button: its payments meet the open breaker.
+    browser.type_into("#b-rate", "20");
+    browser.type_into("#b-seconds", "0.5");
+    browser.click("#burst-start");
+    let (ok, said) = browser.wait_for(
+        "document.getElementById('burst-state').textContent.startsWith('last burst:') && \
+         document.getElementById('burst-state').textContent",
+        Duration::from_secs(10),
+    );
+    assert!(ok, "the burst did not run to its end: {said}");
+    assert!(said.as_str().unwrap().contains("× 503"), "{said}");
 }
