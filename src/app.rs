@@ -12,6 +12,7 @@ use crate::clock::Clock;
 use crate::config::ServeConfig;
 use crate::deadline::Timeouts;
 use crate::edge::auth::ApiKeys;
+use crate::edge::live::board::Board;
 use crate::edge::ratelimit::RateLimiter;
 use crate::lifecycle::inflight::InFlight;
 use crate::metrics::Metrics;
@@ -40,6 +41,8 @@ pub struct App {
     pub inflight: InFlight,
     /// The Prometheus registry.
     pub metrics: Arc<Metrics>,
+    /// What the live page shows that nothing else keeps: the last requests, the controls.
+    pub board: Board,
 }
 
 impl App {

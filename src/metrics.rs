@@ -29,6 +29,10 @@ pub const ROUTE_STATUSES: &[(&str, &[u16])] = &[
     ("GET /healthz", &[200]),
     ("GET /readyz", &[200]),
     ("GET /metrics", &[200]),
+    ("GET /", &[200]),
+    ("GET /debug/state", &[200]),
+    ("PUT /debug/provider-faults", &[200, 400, 401, 404, 415]),
+    ("POST /debug/burst", &[202, 400, 401, 404, 409, 415]),
     ("other", &[404, 405]),
 ];
 /// What any route can answer: 414/431 from the guards, 500 from a panic, 503 when shed.

@@ -12,6 +12,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::{LogFormat, ProviderConfig, ServeConfig};
 use crate::deadline::Timeouts;
 use crate::edge::auth::ApiKeys;
+use crate::edge::live::board::{self, Board, Controls};
 use crate::edge::ratelimit::RateLimiter;
 use crate::edge::{dispatch, front};
 use crate::flow::reconciler;
@@ -144,6 +145,7 @@ pub fn build(mut config: ServeConfig) -> Result<Built, ServeError> {
     )
     .map_err(ServeError::Runtime)?;
 
+    let mut simulated = None;
     let provider_url = match &config.provider_url {
         Some(url) => url.clone(),
         None => {
@@ -158,7 +160,9 @@ pub fn build(mut config: ServeConfig) -> Result<Built, ServeError> {
             })
             .map_err(ServeError::Runtime)?;
             log::info!("no --provider-url: started the simulated provider in-process");
-            sim.url()
+            let url = sim.url();
+            simulated = Some(sim);
+            url
         }
     };
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
@@ -172,6 +176,12 @@ pub fn build(mut config: ServeConfig) -> Result<Built, ServeError> {
     );
     let listener = TcpListener::bind(config.addr)
         .map_err(|e| ServeError::Runtime(format!("cannot bind {}: {e}", config.addr)))?;
+    let target = listener.local_addr().ok().and_then(board::burst_target);
+    let controls = simulated.map(|sim| Controls {
+        sim,
+        target,
+        burst: Default::default(),
+    });
     let app = Arc::new(App {
         timeouts: Timeouts {
             acquire: config.acquire_timeout,
@@ -187,6 +197,7 @@ pub fn build(mut config: ServeConfig) -> Result<Built, ServeError> {
         draining: AtomicBool::new(false),
         inflight: Default::default(),
         metrics,
+        board: Board::new(std::time::Instant::now(), controls),
         config,
     });
     if !app.config.write_delay.is_zero() {

@@ -12,7 +12,8 @@
 //! it. Admission never waits for a refusal to be written, so a flood of refusals costs the
 //! requests that do get in nothing but the dispatcher's few microseconds per refusal. Liveness
 //! (`/healthz`) goes the same way, never through the queue: a server whose workers are all
-//! busy is overloaded, not dead, and must not be restarted for it.
+//! busy is overloaded, not dead, and must not be restarted for it. So do the live page's
+//! routes (`live/`), which must show an overloaded server, not wait behind its payments.
 //!
 //! The front (`front.rs`) owns the client sockets and hands tiny_http complete requests over a
 //! unix socket in a private directory; the prober (`liveness.rs`) checks that tiny_http still
@@ -51,7 +52,7 @@ struct Job {
 }
 
 /// A request answered without a worker, on its way to the answerer: one the pool would not
-/// take, or a liveness probe.
+/// take, a liveness probe, or one of the live page's routes.
 struct Direct {
     job: Job,
     answer: Result<Reply, ApiError>,
@@ -255,10 +256,11 @@ fn admit(app: &App, request: Request, pool: Option<&WorkerPool<Job>>, direct: &S
         "request-id",
         format_args!("{} {}", info.method, info.path),
     );
-    let immediate = routes::immediate(request.method(), &info.path);
+    let mut request = request;
+    let immediate = routes::immediate(app, &info, &mut request);
     let job = Job { request, info };
-    if let Some(reply) = immediate {
-        return answer_directly(app, direct, job, Ok(reply), None);
+    if let Some(answer) = immediate {
+        return answer_directly(app, direct, job, answer, None);
     }
     let Some(pool) = pool else {
         return refuse(app, direct, job, ApiError::ShuttingDown, "shutting_down");

@@ -9,11 +9,13 @@
 //! - [`middleware`] (unit 02), with [`auth`] and [`ratelimit`]: the chain in front of `/payments`.
 //! - [`observe`]: response headers, metrics and the access line of every request.
 //! - [`http`]: reading a tiny_http request, writing a reply.
+//! - [`live`]: the live page of the seven units (`GET /`) and the state it refreshes from.
 
 pub mod auth;
 pub mod dispatch;
 pub mod front;
 pub mod http;
+pub mod live;
 pub mod liveness;
 pub mod middleware;
 pub mod observe;

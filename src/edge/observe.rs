@@ -9,6 +9,7 @@ use serde_json::json;
 use tiny_http::Request;
 
 use super::http;
+use super::live::board::Seen;
 use super::middleware::RequestInfo;
 use super::ratelimit::{Decision, RateLimiter};
 use super::routes;
@@ -60,7 +61,29 @@ pub fn describe(app: &App, reply: Reply, seen: &Observed, total: Duration) -> Re
             .header("RateLimit", RateLimiter::state_header(decision));
     }
     record(app, route, reply.status, total, seen.report, true);
+    board(app, seen.info, route, reply.status, total, seen.report);
     reply
+}
+
+/// Keeps the request for the live page's list of the last requests.
+fn board(
+    app: &App,
+    info: &RequestInfo,
+    route: &'static str,
+    status: u16,
+    total: Duration,
+    report: &Report,
+) {
+    app.board.record(Seen {
+        request_id: info.request_id.clone(),
+        route,
+        status,
+        at: info.received,
+        total,
+        steps: Step::ALL.map(|step| report.timings.get(step)),
+        budget: info.deadline.budget(),
+        shed: report.shed,
+    });
 }
 
 /// Counts and logs a request the front answered itself (malformed, too slow, too large, or one
@@ -87,6 +110,7 @@ pub fn refusal(
     };
     let route = routes::label_for(&info.method, &info.path);
     record(app, route, status, total, &report, false);
+    board(app, &info, route, status, total, &report);
     access_log(
         app,
         &info,

@@ -11,11 +11,20 @@
 //! | POST | `/payments` | yes | [`crate::flow::payment::create`] |
 //! | GET, HEAD | `/payments` | yes | [`crate::flow::read::list`] |
 //! | GET, HEAD | `/payments/{id}` | yes | [`crate::flow::read::get`] |
+//! | GET, HEAD | `/` | no, and no worker | the live page ([`super::live`]) |
+//! | GET, HEAD | `/debug/state` | no, and no worker | the JSON the live page refreshes from |
+//! | PUT | `/debug/provider-faults` | API key only, no worker | the simulated provider's faults |
+//! | POST | `/debug/burst` | API key only, no worker | a short load burst against this server |
+//!
+//! The live page's routes never queue behind payments: a lecture watches an overloaded server
+//! on it, and must be able to steer it. Like liveness, they are answered by the dispatcher
+//! (see [`immediate`]), which they never hold for more than a copy of some counters.
 
 use serde_json::json;
 use tiny_http::{Method, Request};
 
 use super::http;
+use super::live;
 use super::middleware::{self, RequestInfo};
 use super::ratelimit::Decision;
 use crate::app::App;
@@ -30,6 +39,7 @@ pub enum Methods {
     /// GET, and HEAD (the same answer without its body).
     Read,
     Post,
+    Put,
 }
 
 impl Methods {
@@ -37,9 +47,14 @@ impl Methods {
         match self {
             Methods::Read => matches!(method, Method::Get | Method::Head),
             Methods::Post => matches!(method, Method::Post),
+            Methods::Put => matches!(method, Method::Put),
         }
     }
 }
+
+/// Answered on the dispatcher: the request's identity and the request itself (a control reads
+/// its headers and small body, which the front has already read whole).
+type Direct = fn(&App, &RequestInfo, &mut Request) -> Result<Reply, ApiError>;
 
 /// Reads a request for the flow and calls it: the caller, the request, the `{id}` of the path
 /// (empty when the template has none), and the report to record what happened in.
@@ -50,7 +65,7 @@ type Adapter = fn(&App, &Caller, &mut Request, &str, &mut Report) -> Result<Repl
 enum Handler {
     /// Answered by the dispatcher without a worker (see [`immediate`]): it needs nothing that
     /// can wait, and must not wait for a worker itself.
-    Immediate(fn() -> Reply),
+    Immediate(Direct),
     /// Answered at once by a worker, without the middleware chain.
     Open(fn(&App) -> Reply),
     /// Behind the chain (auth → rate limit → deadline).
@@ -71,7 +86,7 @@ pub const ROUTES: &[Route] = &[
         methods: Methods::Read,
         template: "/healthz",
         label: "GET /healthz",
-        handler: Handler::Immediate(healthz),
+        handler: Handler::Immediate(|_, _, _| Ok(healthz())),
     },
     Route {
         methods: Methods::Read,
@@ -103,6 +118,30 @@ pub const ROUTES: &[Route] = &[
         label: "GET /payments/{id}",
         handler: Handler::Protected(get_payment),
     },
+    Route {
+        methods: Methods::Read,
+        template: "/",
+        label: "GET /",
+        handler: Handler::Immediate(|_, _, _| Ok(live::page())),
+    },
+    Route {
+        methods: Methods::Read,
+        template: "/debug/state",
+        label: "GET /debug/state",
+        handler: Handler::Immediate(|app, _, _| Ok(live::state(app))),
+    },
+    Route {
+        methods: Methods::Put,
+        template: "/debug/provider-faults",
+        label: "PUT /debug/provider-faults",
+        handler: Handler::Immediate(live::set_provider_faults),
+    },
+    Route {
+        methods: Methods::Post,
+        template: "/debug/burst",
+        label: "POST /debug/burst",
+        handler: Handler::Immediate(live::start_burst),
+    },
 ];
 
 /// The label of requests that match no route.
@@ -131,15 +170,24 @@ pub fn label_for(method: &str, path: &str) -> &'static str {
         .map_or(OTHER, |r| r.label)
 }
 
-/// The answer of a route that needs no worker, if `method` and `path` name one: liveness must
-/// say the process runs even while every worker is busy and the queue is full.
-pub fn immediate(method: &Method, path: &str) -> Option<Reply> {
-    ROUTES.iter().find_map(|r| match r.handler {
-        Handler::Immediate(answer) if r.methods.accepts(method) && r.matches(path).is_some() => {
-            Some(answer())
+/// The answer of a route that needs no worker, if the request names one: liveness must say the
+/// process runs, and the live page must show why, even while every worker is busy and the
+/// queue is full.
+pub fn immediate(
+    app: &App,
+    info: &RequestInfo,
+    request: &mut Request,
+) -> Option<Result<Reply, ApiError>> {
+    let method = request.method().clone();
+    let answer = ROUTES.iter().find_map(|r| match r.handler {
+        Handler::Immediate(answer)
+            if r.methods.accepts(&method) && r.matches(&info.path).is_some() =>
+        {
+            Some(answer)
         }
         _ => None,
-    })
+    })?;
+    Some(answer(app, info, request))
 }
 
 /// Finds the route, runs the chain in front of a protected one, and calls its handler. A path
@@ -156,7 +204,7 @@ pub fn route(
     let path = http::split_target(request.url()).0.to_string();
     let (r, id) = find(request.method().as_str(), &path)?;
     match r.handler {
-        Handler::Immediate(answer) => Ok(answer()),
+        Handler::Immediate(answer) => answer(app, info, request),
         Handler::Open(handler) => Ok(handler(app)),
         Handler::Protected(adapter) => {
             let verdict = middleware::protect(app, info, request, report);
@@ -178,8 +226,7 @@ pub fn route(
 pub fn find<'p>(method: &str, path: &'p str) -> Result<(&'static Route, &'p str), ApiError> {
     let method = method.parse::<Method>().map_err(|()| ApiError::NotFound)?;
     let method = &method;
-    let mut read_allowed = false;
-    let mut post_allowed = false;
+    let (mut read_allowed, mut post_allowed, mut put_allowed) = (false, false, false);
     for r in ROUTES {
         let Some(id) = r.matches(path) else {
             continue;
@@ -187,15 +234,20 @@ pub fn find<'p>(method: &str, path: &'p str) -> Result<(&'static Route, &'p str)
         if !r.methods.accepts(method) {
             read_allowed |= r.methods == Methods::Read;
             post_allowed |= r.methods == Methods::Post;
+            put_allowed |= r.methods == Methods::Put;
             continue;
         }
         return Ok((r, id));
     }
-    let allow = match (read_allowed, post_allowed) {
-        (false, false) => return Err(ApiError::NotFound),
-        (true, false) => "GET, HEAD",
-        (false, true) => "POST",
-        (true, true) => "GET, POST",
+    let allow = match (read_allowed, post_allowed, put_allowed) {
+        (false, false, false) => return Err(ApiError::NotFound),
+        (true, false, false) => "GET, HEAD",
+        (false, true, false) => "POST",
+        (false, false, true) => "PUT",
+        (true, true, false) => "GET, POST",
+        (true, true, true) => "GET, POST, PUT",
+        (true, false, true) => "GET, PUT",
+        (false, true, true) => "POST, PUT",
     };
     Err(ApiError::MethodNotAllowed { allow })
 }

@@ -54,6 +54,11 @@ impl InFlight {
         Ticket { registry: self, id }
     }
 
+    /// Requests being worked on right now.
+    pub fn running(&self) -> usize {
+        self.lock().len()
+    }
+
     pub fn finished(&self) -> u64 {
         self.finished.load(Ordering::Relaxed)
     }

@@ -102,6 +102,22 @@ pub struct Transition {
     pub reason: String,
 }
 
+/// What the breaker is judging right now, read without changing it (the live page's unit 06):
+/// the calls recorded in the current state's window, how many of them failed and how many were
+/// slow. An open breaker has an empty window; half-open counts its trial calls.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Window {
+    pub state: State,
+    /// How many calls the window holds when full: `window` closed, `half_open_calls` half-open.
+    pub size: usize,
+    pub recorded: usize,
+    pub failed: usize,
+    pub slow: usize,
+    /// The last change of state, with the counts that caused it (an opening empties the window:
+    /// this is where its reason stays visible).
+    pub last_transition: Option<Transition>,
+}
+
 #[derive(Clone, Copy, Debug)]
 struct Call {
     failed: bool,
@@ -116,6 +132,7 @@ struct Inner {
     calls: VecDeque<Call>,
     /// Trial permits handed out in half-open.
     trials_started: usize,
+    last_transition: Option<Transition>,
 }
 
 pub struct Breaker {
@@ -133,6 +150,7 @@ impl Breaker {
                 opened_at: now,
                 calls: VecDeque::with_capacity(config.window),
                 trials_started: 0,
+                last_transition: None,
             }),
         }
     }
@@ -147,6 +165,37 @@ impl Breaker {
         match inner.state {
             State::Open if now >= inner.opened_at + self.config.open_for => State::HalfOpen,
             s => s,
+        }
+    }
+
+    /// The state as of `now` and the calls it is judging: a read-only snapshot.
+    pub fn window(&self, now: Instant) -> Window {
+        let inner = self.lock();
+        let state = match inner.state {
+            State::Open if now >= inner.opened_at + self.config.open_for => State::HalfOpen,
+            s => s,
+        };
+        let (size, calls) = match (inner.state, state) {
+            (State::Closed, _) => (self.config.window, Some(&inner.calls)),
+            (State::HalfOpen, _) => (self.config.half_open_calls, Some(&inner.calls)),
+            // Open, or open with its time up (nothing recorded yet in half-open).
+            (State::Open, State::HalfOpen) => (self.config.half_open_calls, None),
+            (State::Open, _) => (self.config.window, None),
+        };
+        let calls = calls.map(|c| c.iter()).into_iter().flatten();
+        let (mut recorded, mut failed, mut slow) = (0, 0, 0);
+        for c in calls {
+            recorded += 1;
+            failed += usize::from(c.failed);
+            slow += usize::from(c.slow);
+        }
+        Window {
+            state,
+            size,
+            recorded,
+            failed,
+            slow,
+            last_transition: inner.last_transition.clone(),
         }
     }
 
@@ -242,7 +291,9 @@ impl Breaker {
         if to == State::Open {
             inner.opened_at = now;
         }
-        Transition { from, to, reason }
+        let transition = Transition { from, to, reason };
+        inner.last_transition = Some(transition.clone());
+        transition
     }
 }
 
@@ -433,5 +484,42 @@ mod tests {
         });
         assert_eq!(opened.load(std::sync::atomic::Ordering::SeqCst), 1);
         assert_eq!(b.state(t0), State::Open);
+    }
+
+    #[test]
+    fn the_window_snapshot_counts_the_calls_being_judged_and_changes_nothing() {
+        let (b, t0) = breaker();
+        call(&b, t0, Outcome::Failure, MS(1));
+        call(&b, t0, Outcome::Success, MS(600));
+        call(&b, t0, Outcome::Success, MS(1));
+        let w = b.window(t0);
+        assert_eq!(
+            (w.state, w.size, w.recorded, w.failed, w.slow),
+            (State::Closed, 20, 3, 1, 1)
+        );
+        assert_eq!(w.last_transition, None);
+        assert_eq!(b.window(t0), w, "reading it twice changes nothing");
+        for _ in 0..7 {
+            call(&b, t0, Outcome::Failure, MS(1));
+        }
+        let w = b.window(t0);
+        assert_eq!(
+            (w.state, w.recorded),
+            (State::Open, 0),
+            "an opening empties it"
+        );
+        let t = w.last_transition.expect("the opening is kept");
+        assert!(
+            t.reason.contains("8 failed and 1 slow of the last 10"),
+            "{}",
+            t.reason
+        );
+        let later = b.window(t0 + MS(5_000));
+        assert_eq!((later.state, later.size), (State::HalfOpen, 3));
+        assert_eq!(
+            b.state(t0 + MS(1)),
+            State::Open,
+            "the snapshot moved nothing"
+        );
     }
 }

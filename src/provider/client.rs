@@ -19,7 +19,9 @@ use serde_json::json;
 
 use crate::clock::Clock;
 use crate::metrics::Metrics;
-use crate::provider::breaker::{Breaker, BreakerConfig, Outcome, Permit, State, Transition};
+use crate::provider::breaker::{
+    Breaker, BreakerConfig, Outcome, Permit, State, Transition, Window,
+};
 
 /// The largest answer head accepted from the provider (nginx's default for an upstream's is
 /// 4 or 8 KiB).
@@ -181,6 +183,11 @@ impl GuardedCalls {
         self.breaker.state(self.clock.now())
     }
 
+    /// The breaker's state and the calls it is judging, read without changing anything.
+    pub fn breaker_window(&self) -> Window {
+        self.breaker.window(self.clock.now())
+    }
+
     /// Asks the breaker for a call: the call, or — while it is open — the `Rejected` outcome,
     /// already counted.
     pub fn admit(&self) -> Result<Call<'_>, ChargeOutcome> {
@@ -298,6 +305,11 @@ impl ProviderClient {
 
     pub fn breaker_state(&self) -> State {
         self.calls.breaker_state()
+    }
+
+    /// The breaker's state and the calls it is judging (the live page's unit 06).
+    pub fn breaker_window(&self) -> Window {
+        self.calls.breaker_window()
     }
 
     /// `POST /v1/charges` through the breaker: rejected at once while it is open; otherwise the

@@ -85,14 +85,28 @@ struct State {
     timer: Timer,
 }
 
-/// A running simulated provider.
+/// A running simulated provider; clones share it.
+#[derive(Clone)]
 pub struct SimProvider {
     addr: SocketAddr,
+    state: Arc<State>,
 }
 
 impl SimProvider {
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The fault settings now (what `GET /_control/faults` answers).
+    pub fn faults(&self) -> Faults {
+        current_faults(&self.state)
+    }
+
+    /// Changes the fault settings from a JSON update, as `PUT /_control/faults` does (for
+    /// `serve`'s own controls over the provider it started in-process): the settings now, or
+    /// why the update was refused.
+    pub fn update_faults(&self, body: &[u8]) -> Result<Faults, String> {
+        apply_update(&self.state, body)
     }
 }
 
@@ -138,7 +152,7 @@ pub fn start(config: &ProviderConfig) -> Result<SimProvider, String> {
         .name("provider-timer".into())
         .spawn(move || timer_state.timer.run())
         .map_err(|e| e.to_string())?;
-    Ok(SimProvider { addr })
+    Ok(SimProvider { addr, state })
 }
 
 /// `paytrace provider`: runs until killed.
@@ -217,24 +231,24 @@ fn update_faults(state: &State, request: &mut Request) -> Reply {
         Ok(b) => b,
         Err(e) => return error(e.status(), e.code()),
     };
-    let update: FaultsUpdate = match serde_json::from_slice(&body) {
-        Ok(u) => u,
-        Err(e) => {
-            return Reply::json(
-                400,
-                &json!({"error": {"code": "invalid_request", "message": e.to_string()}}),
-            );
-        }
-    };
+    match apply_update(state, &body) {
+        Ok(faults) => Reply::json(200, &faults),
+        Err(message) => Reply::json(
+            400,
+            &json!({"error": {"code": "invalid_request", "message": message}}),
+        ),
+    }
+}
+
+/// Applies a partial update (`{"fail_rate": 1}`): the settings now, or why it was refused.
+fn apply_update(state: &State, body: &[u8]) -> Result<Faults, String> {
+    let update: FaultsUpdate = serde_json::from_slice(body).map_err(|e| e.to_string())?;
     for rate in [update.fail_rate, update.hang_rate, update.ambiguous_rate]
         .into_iter()
         .flatten()
     {
         if !(0.0..=1.0).contains(&rate) {
-            return Reply::json(
-                400,
-                &json!({"error": {"code": "invalid_request", "message": "rates are between 0 and 1"}}),
-            );
+            return Err("rates are between 0 and 1".into());
         }
     }
     let mut f = state.faults.lock().unwrap_or_else(|e| e.into_inner());
@@ -244,7 +258,7 @@ fn update_faults(state: &State, request: &mut Request) -> Reply {
     f.hang_rate = update.hang_rate.unwrap_or(f.hang_rate);
     f.ambiguous_rate = update.ambiguous_rate.unwrap_or(f.ambiguous_rate);
     log::info!("provider faults now {:?}", *f);
-    Reply::json(200, &*f)
+    Ok(*f)
 }
 
 /// What the draw decided for one charge request.

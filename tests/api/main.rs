@@ -10,6 +10,7 @@ mod guards;
 mod hostile;
 mod idempotency;
 mod layout;
+mod live;
 mod middleware;
 mod nginx;
 mod observability;
