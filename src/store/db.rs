@@ -566,8 +566,16 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_write_the_writer_did_not_take_within_its_acquire_slice_is_withdrawn_and_never_runs() {
+    /// A database whose writer is stuck: its first write (`first`, from another thread) waits
+    /// in `BEGIN` for SQLite's lock, held elsewhere until the returned sender is dropped.
+    fn stuck_writer(
+        first: &str,
+    ) -> (
+        tempfile::TempDir,
+        Db,
+        crossbeam::channel::Sender<()>,
+        std::thread::JoinHandle<Written<usize>>,
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("w.db");
         let db = Db::open(
@@ -579,9 +587,14 @@ mod tests {
         )
         .unwrap();
         let lock = hold_write_lock(&path);
-        // The writer takes this one and waits in BEGIN for the lock.
-        let first = write_in_background(&db, "first");
+        let first = write_in_background(&db, first);
         eventually_queue_empty(&db);
+        (dir, db, lock, first)
+    }
+
+    #[test]
+    fn a_write_the_writer_did_not_take_within_its_acquire_slice_is_withdrawn_and_never_runs() {
+        let (_dir, db, lock, first) = stuck_writer("first");
         let t = std::time::Instant::now();
         let second = db.write(
             Duration::from_millis(50),
@@ -621,19 +634,7 @@ mod tests {
 
     #[test]
     fn a_write_recording_what_happened_goes_ahead_of_the_writes_queued_with_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("o.db");
-        let db = Db::open(
-            &path,
-            2,
-            SyncMode::Normal,
-            Duration::from_secs(5),
-            no_observer(),
-        )
-        .unwrap();
-        let lock = hold_write_lock(&path);
-        let blocker = write_in_background(&db, "blocker");
-        eventually_queue_empty(&db);
+        let (_dir, db, lock, blocker) = stuck_writer("blocker");
         let queued = |n: usize| {
             let deadline = std::time::Instant::now() + Duration::from_secs(5);
             while db.writer_queue() < n {

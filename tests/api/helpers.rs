@@ -317,7 +317,7 @@ pub fn agent() -> ureq::Agent {
         .new_agent()
 }
 
-fn to_resp(r: Result<ureq::http::Response<ureq::Body>, ureq::Error>, started: Instant) -> Resp {
+pub fn to_resp(r: Result<ureq::http::Response<ureq::Body>, ureq::Error>, started: Instant) -> Resp {
     let mut r = r.expect("a response");
     let status = r.status().as_u16();
     let headers = r

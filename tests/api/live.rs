@@ -24,21 +24,7 @@ fn control(base: &str, method: &str, path: &str, key: Option<&str>, body: &str) 
         req = req.header("Authorization", format!("Bearer {k}"));
     }
     let t = Instant::now();
-    let r = req.send(body.as_bytes());
-    let mut r = r.expect("a response");
-    let status = r.status().as_u16();
-    let headers = r
-        .headers()
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
-        .collect();
-    let text = r.body_mut().read_to_string().unwrap_or_default();
-    Resp {
-        status,
-        headers,
-        body: serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        elapsed: t.elapsed(),
-    }
+    to_resp(req.send(body.as_bytes()), t)
 }
 
 fn state(base: &str) -> Value {
