@@ -213,14 +213,19 @@ fn trickled_bodies(t: &Target, table: &mut Vec<Row>) {
 /// `HTTP/3.0`, opened in batches of 50.
 fn prefaces(t: &Target, table: &mut Vec<Row>) {
     // (name, request, what nginx answers: measured with nginx 1.22, which reads HTTP/1.2 as
-    // HTTP/1.1 and forwards it, so paytrace answers 404 for `/` and nginx keeps the connection)
+    // HTTP/1.1 and forwards it, so paytrace answers 404 for a path no route knows and nginx
+    // keeps the connection; `/` would be the live page)
     const KINDS: [(&str, &str, u16); 3] = [
         (
             "HTTP/2 preface `PRI * HTTP/2.0`",
             "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
             400,
         ),
-        ("`GET / HTTP/1.2`", "GET / HTTP/1.2\r\nHost: x\r\n\r\n", 404),
+        (
+            "`GET /nowhere HTTP/1.2`",
+            "GET /nowhere HTTP/1.2\r\nHost: x\r\n\r\n",
+            404,
+        ),
         ("`GET / HTTP/3.0`", "GET / HTTP/3.0\r\nHost: x\r\n\r\n", 505),
     ];
     let mut g = Group::start(t);
