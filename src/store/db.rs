@@ -190,6 +190,11 @@ impl Db {
         self.writer.slow_writes()
     }
 
+    #[cfg(test)]
+    pub fn set_writer_pace(&self, pace: Duration) {
+        self.writer.set_pace(pace);
+    }
+
     /// Whether the writer is running a batch right now.
     pub fn writer_running(&self) -> bool {
         self.writer.running()
@@ -672,32 +677,43 @@ mod tests {
 
     #[test]
     fn a_write_that_could_not_be_committed_before_its_caller_stops_waiting_is_refused_unrun() {
-        let (_dir, db) = temp_db();
-        let slow = Duration::from_millis(40);
-        db.slow_writes().arm(slow);
-        assert_eq!(db.slow_writes().current(), slow);
-        // Writes at the slow pace teach the writer how long one takes (about 40 ms).
-        for i in 0..24 {
-            let w = db.write(
-                Duration::from_secs(5),
-                Duration::from_secs(5),
-                meta_insert(format!("slow{i}")),
-            );
-            assert_eq!(w.result.unwrap(), 1);
-            assert!(w.ran >= slow, "{:?}", w.ran);
-        }
-        // This caller waits 40 ms in all: less than a write and its commit take now.
+        let (_dir, db, lock, blocker) = stuck_writer("blocker");
+        let queued = |n: usize| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while db.writer_queue() < n {
+                assert!(std::time::Instant::now() < deadline, "{n} writes queue");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        // A patient write, then one whose caller waits 3.5 s in all: the writer takes both
+        // into its next batch.
+        let patient = write_in_background(&db, "patient");
+        queued(1);
         let t = std::time::Instant::now();
-        let impatient = db.write(
-            Duration::from_millis(20),
-            Duration::from_millis(20),
-            meta_insert("impatient".into()),
-        );
+        let impatient = {
+            let db = db.clone();
+            std::thread::spawn(move || {
+                db.write(
+                    Duration::from_secs(3),
+                    Duration::from_millis(500),
+                    meta_insert("impatient".into()),
+                )
+            })
+        };
+        queued(2);
+        // As if writes had lately taken 5 s each: after the batch's first write, the second
+        // could not be written and committed within its caller's 3.5 s.
+        db.set_writer_pace(Duration::from_secs(5));
+        drop(lock);
+        assert_eq!(blocker.join().unwrap().result.unwrap(), 1);
+        assert_eq!(patient.join().unwrap().result.unwrap(), 1);
+        let impatient = impatient.join().unwrap();
         assert!(
             matches!(impatient.result, Err(DbError::AcquireTimeout)),
             "{impatient:?}"
         );
-        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+        // Refused when the writer let it go, not when its caller's wait ran out.
+        assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
         let c = db.acquire(Duration::from_secs(1)).unwrap();
         let n: i64 = c
             .query_row(
@@ -707,8 +723,33 @@ mod tests {
             )
             .unwrap();
         assert_eq!(n, 0, "refused, and so never written");
+        // The first write of a batch runs whatever the pace says: one slow write cannot make
+        // the writer refuse everything after it.
+        db.set_writer_pace(Duration::from_secs(5));
+        let alone = db.write(
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+            meta_insert("alone".into()),
+        );
+        assert_eq!(alone.result.unwrap(), 1);
+    }
+
+    #[test]
+    fn the_write_delay_fault_slows_every_write_and_switches_off_and_on() {
+        let (_dir, db) = temp_db();
+        let slow = Duration::from_millis(40);
+        db.slow_writes().arm(slow);
+        assert_eq!(db.slow_writes().current(), slow);
+        let w = db.write(
+            Duration::from_secs(5),
+            Duration::from_secs(5),
+            meta_insert("slow".into()),
+        );
+        assert_eq!(w.result.unwrap(), 1);
+        assert!(w.ran >= slow, "{:?}", w.ran);
         // SIGUSR1's switch: off, then on again at the armed delay.
         assert_eq!(db.slow_writes().toggle(), Duration::ZERO);
+        assert_eq!(db.slow_writes().current(), Duration::ZERO);
         assert_eq!(db.slow_writes().toggle(), slow);
     }
 

@@ -268,6 +268,13 @@ impl WriteQueue {
         &self.writer.slow
     }
 
+    /// Sets the pace the writer judges writes by, as if writes had lately taken `pace`.
+    #[cfg(test)]
+    pub fn set_pace(&self, pace: Duration) {
+        let us = u64::try_from(pace.as_micros()).unwrap_or(u64::MAX);
+        self.writer.pace_us.store(us, Ordering::Relaxed);
+    }
+
     /// Lets the writer finish what is queued, then joins it (the last write of the process).
     pub fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
@@ -400,8 +407,9 @@ impl Writer {
     /// A transaction answers its writes only when it commits, so it must commit before the
     /// first of their callers stops waiting: once less than two writes' time (at the pace of the
     /// last writes) is left before that moment, the rest of the batch is left for the next one.
-    /// A write that could not be written and committed before its own caller stops waiting is
-    /// let go unrun: its caller answers 503 at once, instead of 504 later. Without this, writes
+    /// After the first write of a batch, a write that could not be written and committed before
+    /// its own caller stops waiting is let go unrun: its caller answers 503 at once, instead of
+    /// 504 later. Without this, writes
     /// slower than usual (a slow disk) made every batch outlast its callers' patience: the
     /// writer stayed busy and every answer came too late.
     fn commit(
@@ -444,10 +452,14 @@ impl Writer {
                 left = std::iter::once(op).chain(ops).collect();
                 break;
             }
-            if now + needed >= op.give_up_at {
-                // It could not be written and committed before its caller stops waiting;
-                // dropping it closes its channel, which tells the caller at once that nothing
-                // was written.
+            // Its caller has stopped waiting, or — judged by the pace, once a write of this
+            // batch has run and so brought the pace up to date — it could not be written and
+            // committed before that. The first write a batch can run always runs: one slow
+            // write must not leave a pace that refuses every write after it, for good.
+            // Dropping the write closes its channel, which tells the caller at once that
+            // nothing was written.
+            if now >= op.give_up_at || (earliest_give_up.is_some() && now + needed >= op.give_up_at)
+            {
                 continue;
             }
             if op
