@@ -19,7 +19,7 @@ use crate::lifecycle::shutdown;
 use crate::metrics::Metrics;
 use crate::provider::client::ProviderClient;
 use crate::provider::sim;
-use crate::store::db::Db;
+use crate::store::engine::Store;
 use crate::store::writer::{BatchObserver, BatchReport};
 
 /// Logs to stderr, as text or one JSON object a line. Level info; `RUST_LOG` adds to that
@@ -135,7 +135,7 @@ pub fn build(mut config: ServeConfig) -> Result<Built, ServeError> {
             metrics.db_writer_queue.set(batch.queued as i64);
         })
     };
-    let db = Db::open(
+    let db = Store::open(
         &config.db,
         config.pool_size,
         config.sync,

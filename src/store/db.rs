@@ -291,7 +291,7 @@ impl PaymentStatus {
         }
     }
 
-    fn parse(s: &str) -> PaymentStatus {
+    pub(crate) fn parse(s: &str) -> PaymentStatus {
         match s {
             "processing" => PaymentStatus::Processing,
             "pending" => PaymentStatus::Pending,
