@@ -114,8 +114,11 @@ impl Store {
     ) -> Written<NextAction> {
         match self {
             Store::Sqlite(db) => {
-                let (owned, fingerprint, input) =
-                    (OwnedAttempt::from(attempt), fingerprint.to_string(), input.clone());
+                let (owned, fingerprint, input) = (
+                    OwnedAttempt::from(attempt),
+                    fingerprint.to_string(),
+                    input.clone(),
+                );
                 db.write(acquire, wait, move |tx| {
                     idempotency::claim(
                         tx,
@@ -142,8 +145,11 @@ impl Store {
     ) -> Written<Persisted> {
         match self {
             Store::Sqlite(db) => {
-                let (owned, record, stored) =
-                    (OwnedAttempt::from(attempt), payment.clone(), stored.cloned());
+                let (owned, record, stored) = (
+                    OwnedAttempt::from(attempt),
+                    payment.clone(),
+                    stored.cloned(),
+                );
                 db.write(acquire, wait, move |tx| {
                     idempotency::persist(
                         tx,
@@ -213,7 +219,12 @@ impl Store {
     }
 
     /// Deletes finished keys older than `finished_before_ms`.
-    pub fn sweep(&self, acquire: Duration, wait: Duration, finished_before_ms: i64) -> Written<usize> {
+    pub fn sweep(
+        &self,
+        acquire: Duration,
+        wait: Duration,
+        finished_before_ms: i64,
+    ) -> Written<usize> {
         match self {
             Store::Sqlite(db) => db.write(acquire, wait, move |tx| {
                 idempotency::sweep(tx, finished_before_ms)

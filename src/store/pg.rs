@@ -99,7 +99,12 @@ pub fn redacted(url: &str) -> String {
         (Some(scheme), Some(at)) if at > scheme => {
             let userinfo = &url[scheme + 3..at];
             match userinfo.find(':') {
-                Some(colon) => format!("{}{}:***{}", &url[..scheme + 3], &userinfo[..colon], &url[at..]),
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme + 3],
+                    &userinfo[..colon],
+                    &url[at..]
+                ),
                 None => url.to_string(),
             }
         }
@@ -166,7 +171,9 @@ impl PgStore {
             .bind::<Text, _>(db::timestamp(SystemTime::now()))
             .execute(&mut setup)
             .map_err(|e| {
-                format!("{shown} cannot be written ({e}): check the role's privileges and the server")
+                format!(
+                    "{shown} cannot be written ({e}): check the role's privileges and the server"
+                )
             })?;
         drop(setup);
         let session = Session {
@@ -405,7 +412,12 @@ impl PgStore {
 
     /// Deletes finished keys older than `finished_before_ms`, at most 1000 per call, skipping
     /// rows another instance's sweeper holds; payments are never deleted.
-    pub fn sweep(&self, acquire: Duration, wait: Duration, finished_before_ms: i64) -> Written<usize> {
+    pub fn sweep(
+        &self,
+        acquire: Duration,
+        wait: Duration,
+        finished_before_ms: i64,
+    ) -> Written<usize> {
         self.write(acquire, wait, |c| {
             sql_query(
                 "DELETE FROM idempotency_keys WHERE (scope, key) IN (
@@ -433,10 +445,16 @@ fn classify(e: PgError) -> DbError {
         _ if message.contains("statement timeout") || message.contains("lock timeout") => {
             DbError::Busy
         }
-        _ if ["could not extend file", "No space left", "server closed the connection",
-            "terminating connection", "could not connect", "read-only"]
-            .iter()
-            .any(|m| message.contains(m)) =>
+        _ if [
+            "could not extend file",
+            "No space left",
+            "server closed the connection",
+            "terminating connection",
+            "could not connect",
+            "read-only",
+        ]
+        .iter()
+        .any(|m| message.contains(m)) =>
         {
             DbError::Unavailable {
                 cause: message,
@@ -564,7 +582,11 @@ fn payment_by_id(c: &mut PgConnection, id: &str) -> Result<Option<Payment>, PgEr
 }
 
 /// One payment by id, only if `scope` owns it.
-pub fn get_payment(c: &mut PgConnection, scope: &str, id: &str) -> Result<Option<Payment>, DbError> {
+pub fn get_payment(
+    c: &mut PgConnection,
+    scope: &str,
+    id: &str,
+) -> Result<Option<Payment>, DbError> {
     let row: Option<PaymentRow> = sql_query(format!(
         "SELECT {PAYMENT_COLUMNS} FROM payments WHERE id = $1 AND scope = $2"
     ))
