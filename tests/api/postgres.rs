@@ -152,12 +152,14 @@ fn start_throwaway_cluster() -> String {
         dir = dir.display(),
         me = std::process::id(),
     );
-    as_server_user(Path::new("/bin/sh"), &["-c", &script])
+    let mut watchdog = as_server_user(Path::new("/bin/sh"), &["-c", &script])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("the PostgreSQL server starts");
+    // It outlives this process by design; reaped here if it ends first.
+    std::thread::spawn(move || watchdog.wait());
     let base = format!("postgres://postgres@127.0.0.1:{port}");
     let admin = format!("{base}/postgres");
     let deadline = Instant::now() + Duration::from_secs(60);
