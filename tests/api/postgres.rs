@@ -139,39 +139,56 @@ fn start_throwaway_cluster() -> String {
         "initdb failed: {}",
         String::from_utf8_lossy(&init.stderr)
     );
-    let port = dead_addr().port();
-    // fsync off: a throwaway cluster for tests, which kill paytrace, never the server.
-    let script = format!(
-        r#"'{postgres}' -D '{data}' -p {port} -k '{dir}' -c listen_addresses=127.0.0.1 \
-             -c fsync=off -c max_connections=400 -c shared_buffers=64MB >'{dir}/server.log' 2>&1 &
-           pg=$!
-           while [ -d /proc/{me} ] && kill -0 $pg 2>/dev/null; do sleep 1; done
-           kill -INT $pg 2>/dev/null; wait $pg; rm -rf '{dir}'"#,
-        postgres = bin.join("postgres").display(),
-        data = data.display(),
-        dir = dir.display(),
-        me = std::process::id(),
-    );
-    let mut watchdog = as_server_user(Path::new("/bin/sh"), &["-c", &script])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("the PostgreSQL server starts");
-    // It outlives this process by design; reaped here if it ends first.
-    std::thread::spawn(move || watchdog.wait());
-    let base = format!("postgres://postgres@127.0.0.1:{port}");
-    let admin = format!("{base}/postgres");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while PgConnection::establish(&admin).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "the throwaway PostgreSQL did not accept connections within 60 s; its log: {}",
-            std::fs::read_to_string(dir.join("server.log")).unwrap_or_default()
+    // A port below the ephemeral range (which the tests' own connections use), tried until
+    // one is free: a port taken meanwhile makes the server exit at once, logging why.
+    for attempt in 0.. {
+        let port = 20_000 + rand::random::<u16>() % 10_000;
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            continue;
+        }
+        let log = dir.join(format!("server-{port}.log"));
+        // fsync off: a throwaway cluster for tests, which kill paytrace, never the server.
+        let script = format!(
+            r#"'{postgres}' -D '{data}' -p {port} -k '{dir}' -c listen_addresses=127.0.0.1 \
+                 -c fsync=off -c max_connections=400 -c shared_buffers=64MB >'{log}' 2>&1 &
+               pg=$!
+               while [ -d /proc/{me} ] && kill -0 $pg 2>/dev/null; do sleep 1; done
+               kill -INT $pg 2>/dev/null; wait $pg
+               while [ -d /proc/{me} ]; do sleep 1; done
+               rm -rf '{dir}'"#,
+            postgres = bin.join("postgres").display(),
+            data = data.display(),
+            dir = dir.display(),
+            log = log.display(),
+            me = std::process::id(),
         );
-        std::thread::sleep(Duration::from_millis(100));
+        let mut watchdog = as_server_user(Path::new("/bin/sh"), &["-c", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the PostgreSQL server starts");
+        // It outlives this process by design; reaped here if it ends first.
+        std::thread::spawn(move || watchdog.wait());
+        let base = format!("postgres://postgres@127.0.0.1:{port}");
+        let admin = format!("{base}/postgres");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if PgConnection::establish(&admin).is_ok() {
+                return base;
+            }
+            let said = std::fs::read_to_string(&log).unwrap_or_default();
+            if said.contains("FATAL") && attempt < 5 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline && !said.contains("FATAL"),
+                "the throwaway PostgreSQL did not accept connections; its log: {said}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
-    base
+    unreachable!("the loop returns or panics")
 }
 
 // ---- Looking at the database --------------------------------------------------------------
