@@ -80,6 +80,8 @@ const MIGRATIONS: &[&str] = &[
      CREATE INDEX keys_finished ON idempotency_keys (finished_at_ms) WHERE finished_at_ms IS NOT NULL;",
     // 2: a place for the writes that prove the database can be written (start-up, readiness).
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
+    // 3: the reconciler joins unsettled payments to their keys every second.
+    "CREATE INDEX keys_by_payment ON idempotency_keys (payment_id);",
 ];
 
 /// Serializes instances migrating the same database at once (an arbitrary constant).

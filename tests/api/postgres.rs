@@ -372,11 +372,11 @@ fn one_instance_on_postgres_charges_once_replays_and_reads_back_and_migrates_onc
 
     // Each migration is recorded once; a restart on the same database runs none again.
     let versions = "SELECT count(*) AS n FROM schema_version";
-    assert_eq!(count(&db, versions), 2);
+    assert_eq!(count(&db, versions), 3);
     server.signal("TERM");
     assert_eq!(server.wait_exit(Duration::from_secs(10)), Some(0));
     let server = instance(&db, &provider.url, &[]);
-    assert_eq!(count(&db, versions), 2);
+    assert_eq!(count(&db, versions), 3);
     let replay = pay(&server.url, "pg-one", &body(1999));
     assert_eq!(replay.header("Idempotent-Replayed"), Some("true"));
     assert_eq!(charges(&provider), 1);
