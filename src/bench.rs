@@ -34,8 +34,9 @@ pub struct BenchConfig {
     /// `--features async-twin`, next to this binary) against the same provider, A B A B.
     #[arg(long, env = "PAYTRACE_BENCH_COMPARE")]
     pub compare: bool,
-    /// Run the PostgreSQL rows instead, on this database (`postgres://USER@HOST:PORT/DB`): one
-    /// instance, then three behind nginx (`data/nginx/paytrace-cluster.conf`; needs nginx).
+    /// Run the PostgreSQL rows instead (`cluster::run`), on this database
+    /// (`postgres://USER@HOST:PORT/DB`): one instance, then three behind nginx
+    /// (`data/nginx/paytrace-cluster.conf`; needs nginx).
     #[arg(long, env = "PAYTRACE_BENCH_DB")]
     pub db: Option<String>,
 }
@@ -284,17 +285,9 @@ fn cpu_jiffies() -> Option<(u64, u64)> {
     Some((total - idle, total))
 }
 
-/// Runs the bench's scenarios against this binary's `serve` (`--compare`: [`compare::run`],
-/// which `main` calls instead).
+/// Runs the bench's scenarios against this binary's `serve` (`--compare`: [`compare::run`];
+/// `--db postgres://…`: [`cluster::run`]; `main` calls those instead).
 pub fn run(config: BenchConfig) -> Result<(), String> {
-    if let Some(db) = &config.db {
-        if !crate::store::pg::is_url(db) {
-            return Err(format!(
-                "--db {db}: the bench takes a postgres://USER@HOST:PORT/DB URL (its SQLite rows use temporary files)"
-            ));
-        }
-        return cluster::run(&config, db);
-    }
     let dir = std::env::temp_dir().join(format!("paytrace-bench-{:08x}", rand::random::<u32>()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let chosen: Vec<Scenario> = scenarios()

@@ -180,6 +180,11 @@ fn row(
 
 /// The PostgreSQL rows: one instance direct, one behind nginx, three behind nginx.
 pub fn run(config: &BenchConfig, db: &str) -> Result<(), String> {
+    if !crate::store::pg::is_url(db) {
+        return Err(format!(
+            "--db {db}: the bench takes a postgres://USER@HOST:PORT/DB URL (its SQLite rows use temporary files)"
+        ));
+    }
     let provider = spawn(&[
         "provider".into(),
         "--addr".into(),
