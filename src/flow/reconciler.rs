@@ -108,11 +108,15 @@ pub fn reconcile(app: &App) -> usize {
             return 0;
         }
     };
+    let started = Instant::now();
     found
         .iter()
         .filter(|u| {
-            let settled = settle_one(app, u, stale);
-            // On PostgreSQL the key was leased to this round: give it back at once.
+            // On PostgreSQL each key is leased to this round, and a lease as old as the lock
+            // TTL may be taken by another instance: past half of it, what is left is given
+            // back for a later round instead of asked about.
+            let settled = started.elapsed() < app.lock_ttl / 2 && settle_one(app, u, stale);
+            // Not settled: give the lease back at once.
             if !settled && let Err(e) = app.db.release(Duration::from_secs(1), u) {
                 log::debug!("reconciler: {} not released: {e}", u.payment.id);
             }
