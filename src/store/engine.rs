@@ -94,6 +94,11 @@ impl Store {
         }
     }
 
+    /// Whether this is a PostgreSQL database (no writer thread, no WAL file to checkpoint).
+    pub fn is_postgres(&self) -> bool {
+        matches!(self, Store::Postgres(_))
+    }
+
     /// Borrows a connection to read with, waiting at most `timeout`.
     pub fn acquire(&self, timeout: Duration) -> Result<Reader, DbError> {
         match self {

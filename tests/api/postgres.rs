@@ -375,6 +375,11 @@ fn one_instance_on_postgres_charges_once_replays_and_reads_back_and_migrates_onc
     assert_eq!(count(&db, versions), 3);
     server.signal("TERM");
     assert_eq!(server.wait_exit(Duration::from_secs(10)), Some(0));
+    let log = server.log_text();
+    assert!(
+        log.contains("the pool is closed last") && !log.contains("WAL"),
+        "no SQLite WAL on PostgreSQL: {log}"
+    );
     let server = instance(&db, &provider.url, &[]);
     assert_eq!(count(&db, versions), 3);
     let replay = pay(&server.url, "pg-one", &body(1999));
