@@ -17,13 +17,13 @@ use crate::edge::ratelimit::RateLimiter;
 use crate::lifecycle::inflight::InFlight;
 use crate::metrics::Metrics;
 use crate::provider::client::ProviderClient;
-use crate::store::db::Db;
+use crate::store::engine::Store;
 
 /// Everything a handler may use, built once.
 pub struct App {
     pub config: ServeConfig,
-    /// The r2d2 SQLite pool.
-    pub db: Db,
+    /// The database: the r2d2 SQLite pool and its writer, or the r2d2 PostgreSQL pool.
+    pub db: Store,
     /// The one shared provider client (ureq agent, pooled connections).
     pub provider: ProviderClient,
     pub keys: ApiKeys,

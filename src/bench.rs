@@ -16,6 +16,7 @@ use serde_json::{Value, json};
 
 use crate::load::{self, LoadConfig};
 
+pub mod cluster;
 pub mod compare;
 
 #[derive(Args, Clone, Debug)]
@@ -33,6 +34,11 @@ pub struct BenchConfig {
     /// `--features async-twin`, next to this binary) against the same provider, A B A B.
     #[arg(long, env = "PAYTRACE_BENCH_COMPARE")]
     pub compare: bool,
+    /// Run the PostgreSQL rows instead (`cluster::run`), on this database
+    /// (`postgres://USER@HOST:PORT/DB`): one instance, then three behind nginx
+    /// (`data/nginx/paytrace-cluster.conf`; needs nginx).
+    #[arg(long, env = "PAYTRACE_BENCH_DB")]
+    pub db: Option<String>,
 }
 
 struct Scenario {
@@ -279,8 +285,8 @@ fn cpu_jiffies() -> Option<(u64, u64)> {
     Some((total - idle, total))
 }
 
-/// Runs the bench's scenarios against this binary's `serve` (`--compare`: [`compare::run`],
-/// which `main` calls instead).
+/// Runs the bench's scenarios against this binary's `serve` (`--compare`: [`compare::run`];
+/// `--db postgres://…`: [`cluster::run`]; `main` calls those instead).
 pub fn run(config: BenchConfig) -> Result<(), String> {
     let dir = std::env::temp_dir().join(format!("paytrace-bench-{:08x}", rand::random::<u32>()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;

@@ -8,7 +8,7 @@
 //! | 01 | accept and parse: a total read deadline, size and framing limits, backpressure | [`edge::front`], [`edge::front::request`] (`read_request`), [`edge::http::read_body`] |
 //! | 02 | middleware and dependency injection | [`edge::middleware::protect`], [`app::App`] (built by [`startup`]) |
 //! | 03 | a bounded worker pool instead of an event loop | [`workers::WorkerPool::try_submit`], [`workers::WorkerPool::shutdown`]; fed by [`edge::dispatch`] |
-//! | 04 | the connection pool with an acquisition timeout | [`store::db::Db::acquire`], [`store::db::Db::write`], [`store::writer`] (one writer thread, group commit) |
+//! | 04 | the connection pool with an acquisition timeout | [`store::db::Db::acquire`], [`store::db::Db::write`], [`store::writer`] (one writer thread, group commit); on PostgreSQL [`store::pg`] |
 //! | 05 | the idempotency table, and the reconciler | [`store::idempotency::claim`], [`store::idempotency::persist`], [`flow::reconciler::reconcile`] |
 //! | 06 | the circuit breaker around the provider call | [`provider::breaker::Breaker`], [`provider::client::ProviderClient::charge`] |
 //! | 07 | graceful shutdown in reverse dependency order | [`lifecycle::shutdown`] (the order and why), [`lifecycle::shutdown::teardown`] |
@@ -25,7 +25,7 @@
 //! |---|---|---|
 //! | `edge/` | sockets, tiny_http, routes, middleware, observation | HTTP |
 //! | `flow/` | the payment's steps, the outcome mapping, the reconciler | plain values; no HTTP server |
-//! | `store/` | the SQLite pool and schema, the idempotency table | SQLite; no HTTP |
+//! | `store/` | the SQLite pool and schema, the idempotency table; the same on PostgreSQL, and the [`store::engine::Store`] that picks one | SQLite, PostgreSQL; no HTTP |
 //! | `provider/` | the breaker, the client, the simulated provider | the provider's wire format |
 //! | `lifecycle/` | what is in flight, graceful shutdown | every unit, read in reverse |
 //!

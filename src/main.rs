@@ -61,6 +61,8 @@ fn main() -> ExitCode {
             paytrace::startup::init_logging(LogFormat::Text);
             let ran = if config.compare {
                 paytrace::bench::compare::run(&config)
+            } else if let Some(db) = &config.db {
+                paytrace::bench::cluster::run(&config, db)
             } else {
                 paytrace::bench::run(config)
             };

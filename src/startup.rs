@@ -20,7 +20,7 @@ use crate::lifecycle::shutdown;
 use crate::metrics::Metrics;
 use crate::provider::client::ProviderClient;
 use crate::provider::sim;
-use crate::store::db::Db;
+use crate::store::engine::Store;
 use crate::store::writer::{BatchObserver, BatchReport};
 
 /// Logs to stderr, as text or one JSON object a line. Level info; `RUST_LOG` adds to that
@@ -136,7 +136,7 @@ pub fn build(mut config: ServeConfig) -> Result<Built, ServeError> {
             metrics.db_writer_queue.set(batch.queued as i64);
         })
     };
-    let db = Db::open(
+    let db = Store::open(
         &config.db,
         config.pool_size,
         config.sync,
@@ -215,7 +215,12 @@ pub fn build(mut config: ServeConfig) -> Result<Built, ServeError> {
 /// flag SIGUSR1 keeps its default action.
 fn inject_write_delay(app: &Arc<App>) -> Result<(), String> {
     let delay = app.config.write_delay;
-    app.db.slow_writes().arm(delay);
+    let Some(slow) = app.db.slow_writes() else {
+        return Err(
+            "--write-delay slows the SQLite writer; there is none with --db postgres://…".into(),
+        );
+    };
+    slow.arm(delay);
     app.metrics.db_write_delay.set(delay.as_secs_f64());
     log::warn!(
         "fault injected: every write takes {} ms longer (--write-delay); SIGUSR1 switches it off and on",
@@ -231,7 +236,10 @@ fn inject_write_delay(app: &Arc<App>) -> Result<(), String> {
         .spawn(move || {
             for _ in signals.forever() {
                 let Some(app) = app.upgrade() else { return };
-                let now = app.db.slow_writes().toggle();
+                let Some(slow) = app.db.slow_writes() else {
+                    return;
+                };
+                let now = slow.toggle();
                 app.metrics.db_write_delay.set(now.as_secs_f64());
                 log::warn!("write delay now {} ms (SIGUSR1)", now.as_millis());
             }

@@ -23,9 +23,9 @@ use std::time::{Duration, Instant};
 use crate::app::App;
 use crate::deadline::{Deadline, Exhausted, Op, Step};
 use crate::error::ApiError;
-use rusqlite::Transaction;
-
-use crate::store::db::{Conn, DbError, Payment};
+use crate::store::db::{DbError, Payment};
+use crate::store::engine::{Reader, Store};
+use crate::store::writer::Written;
 use crate::trace::{self, Unit};
 
 /// Who is asking, and by when: what every step is handed.
@@ -97,7 +97,7 @@ fn slice(app: &App, caller: &Caller, op: Op) -> Result<Duration, ApiError> {
 
 /// Borrows a connection to read with from the pool (unit 04) within the slice `op` may take. A
 /// timeout is 503 `overloaded`: nothing was done, the client may retry.
-fn borrow(app: &App, caller: &Caller, op: Op, report: &mut Report) -> Result<Conn, ApiError> {
+fn borrow(app: &App, caller: &Caller, op: Op, report: &mut Report) -> Result<Reader, ApiError> {
     let timeout = slice(app, caller, op)?;
     let t = Instant::now();
     let taken = app.db.acquire(timeout);
@@ -124,24 +124,20 @@ fn borrow(app: &App, caller: &Caller, op: Op, report: &mut Report) -> Result<Con
     })
 }
 
-/// Hands `work` to the writer (unit 04): it must be taken within `ops.0`'s slice (the
-/// `acquire` step: the wait for the writer) and is then waited for within `ops.1`'s (the
-/// write and its commit, counted under that operation's step). A write the writer did not take
-/// in time was not done: 503 `overloaded`, like a saturated pool.
-fn write<T: Send + 'static>(
+/// Runs `work` on the store (unit 04) with two slices: `ops.0`'s (the `acquire` step: the wait
+/// for the SQLite writer, or for a pooled PostgreSQL connection) and `ops.1`'s (the write and
+/// its commit, counted under that operation's step). A write not taken in time was not done:
+/// 503 `overloaded`, like a saturated pool.
+fn write<T>(
     app: &App,
     caller: &Caller,
     ops: (Op, Op),
     report: &mut Report,
-    work: impl FnOnce(&Transaction) -> rusqlite::Result<T> + Send + 'static,
+    work: impl FnOnce(&Store, Duration, Duration) -> Written<T>,
 ) -> Result<Result<T, DbError>, ApiError> {
     let acquire = slice(app, caller, ops.0)?;
     let wait = slice(app, caller, ops.1)?;
-    let written = if ops.1 == Op::PersistWrite {
-        app.db.write_first(acquire, wait, work)
-    } else {
-        app.db.write(acquire, wait, work)
-    };
+    let written = work(&app.db, acquire, wait);
     report.timings.add(Step::Acquire, written.waited);
     report.timings.add(ops.1.step(), written.ran);
     let taken = !matches!(written.result, Err(DbError::AcquireTimeout));

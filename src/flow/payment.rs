@@ -142,22 +142,13 @@ fn claim(
     report: &mut Report,
 ) -> Result<NextAction, ApiError> {
     let fingerprint = idempotency::fingerprint("POST", "/payments", input);
-    let (owned, input, lock_ttl) = (OwnedAttempt::from(attempt), input.clone(), app.lock_ttl);
+    let lock_ttl = app.lock_ttl;
     let decided = write(
         app,
         caller,
         (Op::ClaimAcquire, Op::ClaimWrite),
         report,
-        move |tx| {
-            idempotency::claim(
-                tx,
-                owned.as_attempt(),
-                &fingerprint,
-                &input,
-                SystemTime::now(),
-                lock_ttl,
-            )
-        },
+        |db, acquire, wait| db.claim(acquire, wait, attempt, &fingerprint, input, lock_ttl),
     )?;
     let action = decided.map_err(|e| db_error(e, Step::Claim, None, caller.request_id))?;
     let decision = match &action {
@@ -180,31 +171,6 @@ fn claim(
         ),
     );
     Ok(action)
-}
-
-/// An [`Attempt`] the writer thread can own.
-struct OwnedAttempt {
-    scope: String,
-    key: String,
-    token: String,
-}
-
-impl OwnedAttempt {
-    fn from(a: Attempt) -> OwnedAttempt {
-        OwnedAttempt {
-            scope: a.scope.to_string(),
-            key: a.key.to_string(),
-            token: a.token.to_string(),
-        }
-    }
-
-    fn as_attempt(&self) -> Attempt<'_> {
-        Attempt {
-            scope: &self.scope,
-            key: &self.key,
-            token: &self.token,
-        }
-    }
 }
 
 /// Step 2: the provider call behind the breaker, within its slice; `None` when the budget left
@@ -278,25 +244,12 @@ fn persist(
     stored: Option<&StoredResponse>,
     report: &mut Report,
 ) -> Result<(), ApiError> {
-    let (owned, record, stored) = (
-        OwnedAttempt::from(attempt),
-        payment.clone(),
-        stored.cloned(),
-    );
     let persisted = write(
         app,
         caller,
         (Op::PersistAcquire, Op::PersistWrite),
         report,
-        move |tx| {
-            idempotency::persist(
-                tx,
-                owned.as_attempt(),
-                &record,
-                stored.as_ref(),
-                SystemTime::now(),
-            )
-        },
+        |db, acquire, wait| db.persist(acquire, wait, attempt, payment, stored),
     )
     .and_then(|written| {
         trace::hop(

@@ -8,12 +8,12 @@ use crate::app::App;
 use crate::deadline::Op;
 use crate::error::{ApiError, FieldError};
 use crate::reply::Reply;
-use crate::store::db::{self, DbError};
+use crate::store::db::DbError;
 
 /// `GET /payments/{id}`.
 pub fn get(app: &App, caller: &Caller, id: &str, report: &mut Report) -> Result<Reply, ApiError> {
-    let conn = borrow(app, caller, Op::ClaimAcquire, report)?;
-    match db::get_payment(&conn, caller.scope, id) {
+    let mut conn = borrow(app, caller, Op::ClaimAcquire, report)?;
+    match conn.get_payment(caller.scope, id) {
         Ok(Some(p)) => Ok(Reply::json(200, &p)),
         Ok(None) => Err(ApiError::NotFound),
         Err(e) => Err(read_error(e)),
@@ -49,8 +49,8 @@ pub fn list(
             errors,
         });
     }
-    let conn = borrow(app, caller, Op::ClaimAcquire, report)?;
-    match db::list_payments(&conn, caller.scope, limit, starting_after) {
+    let mut conn = borrow(app, caller, Op::ClaimAcquire, report)?;
+    match conn.list_payments(caller.scope, limit, starting_after) {
         Ok(Some((data, has_more))) => Ok(Reply::json(
             200,
             &json!({"object": "list", "data": data, "has_more": has_more}),
@@ -64,8 +64,8 @@ pub fn list(
 }
 
 /// A failed read: storage that cannot be read is 503 like one that cannot be written.
-fn read_error(e: rusqlite::Error) -> ApiError {
-    match DbError::from_sqlite(e) {
+fn read_error(e: DbError) -> ApiError {
+    match e {
         DbError::Unavailable { .. } => ApiError::StorageUnavailable { payment: None },
         other => ApiError::Internal(other.to_string()),
     }

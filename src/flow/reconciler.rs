@@ -22,7 +22,7 @@ use crate::app::App;
 use crate::provider::breaker::State;
 use crate::provider::client::{ChargeOutcome, LookupAnswer};
 use crate::store::db::{self, DbError, PaymentStatus};
-use crate::store::idempotency::{self, Unsettled};
+use crate::store::idempotency::Unsettled;
 
 /// How often unsettled payments are looked for.
 const RECONCILE_EVERY: Duration = Duration::from_secs(1);
@@ -101,19 +101,28 @@ pub fn reconcile(app: &App) -> usize {
     }
     let now = SystemTime::now();
     let stale = stale_before_ms(app, now);
-    let found = match app
-        .db
-        .acquire(Duration::from_secs(1))
-        .map_err(|e| e.to_string())
-        .and_then(|c| idempotency::unsettled(&c, stale, BATCH).map_err(|e| e.to_string()))
-    {
+    let found = match app.db.unsettled(Duration::from_secs(1), stale, BATCH) {
         Ok(found) => found,
         Err(e) => {
             log::warn!("reconciler: cannot read unsettled payments: {e}");
             return 0;
         }
     };
-    found.iter().filter(|u| settle_one(app, u, stale)).count()
+    let started = Instant::now();
+    found
+        .iter()
+        .filter(|u| {
+            // On PostgreSQL each key is leased to this round, and a lease as old as the lock
+            // TTL may be taken by another instance: past half of it, what is left is given
+            // back for a later round instead of asked about.
+            let settled = started.elapsed() < app.lock_ttl / 2 && settle_one(app, u, stale);
+            // Not settled: give the lease back at once.
+            if !settled && let Err(e) = app.db.release(Duration::from_secs(1), u) {
+                log::debug!("reconciler: {} not released: {e}", u.payment.id);
+            }
+            settled
+        })
+        .count()
 }
 
 fn settle_one(app: &App, u: &Unsettled, stale: i64) -> bool {
@@ -153,13 +162,15 @@ fn settle_one(app: &App, u: &Unsettled, stale: i64) -> bool {
             None
         }
     };
-    let (owned, record) = (u.clone(), payment.clone());
     let written = app
         .db
-        .write(
+        .settle(
             Duration::from_secs(1),
             app.config.write_timeout,
-            move |tx| idempotency::settle(tx, &owned, &record, stored.as_ref(), stale, now),
+            u,
+            &payment,
+            stored.as_ref(),
+            stale,
         )
         .result;
     match written {
@@ -192,11 +203,7 @@ fn sweep(app: &App) {
     let cutoff = db::unix_ms(SystemTime::now()) - app.config.idempotency_ttl.as_millis() as i64;
     let swept = app
         .db
-        .write(
-            Duration::from_secs(1),
-            app.config.write_timeout,
-            move |tx| idempotency::sweep(tx, cutoff),
-        )
+        .sweep(Duration::from_secs(1), app.config.write_timeout, cutoff)
         .result;
     match swept {
         Ok(0) => {}

@@ -52,6 +52,7 @@ pub fn teardown(app: &App, background_stop: &AtomicBool, housekeeping: JoinHandl
     // Nothing can queue a write any more: the writer commits what it holds and stops.
     app.db.stop_writer();
     match app.db.checkpoint(Duration::from_secs(2)) {
+        Ok(()) if app.db.is_postgres() => log::info!("the pool is closed last"),
         Ok(()) => log::info!("WAL checkpointed; the pool is closed last"),
         Err(e) => log::warn!("WAL checkpoint at shutdown failed: {e}"),
     }

@@ -61,6 +61,8 @@ const MIGRATIONS: &[&str] = &[
      CREATE INDEX keys_finished ON idempotency_keys (finished_at_ms) WHERE finished_at_ms IS NOT NULL;",
     // 2: a place for the writes that prove the database can be written (start-up, readiness).
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
+    // 3: the reconciler joins unsettled payments to their keys every second.
+    "CREATE INDEX keys_by_payment ON idempotency_keys (payment_id);",
 ];
 
 /// Records `value` under `key` in `meta`: a real write, which is how a read-only file, a full
@@ -265,11 +267,27 @@ impl Db {
     }
 }
 
+/// Applies the migrations not applied yet. `PRAGMA user_version` says how many ran; the
+/// `schema_version` table records each one and when, like on PostgreSQL (versions applied
+/// before the table existed are recorded with `applied_at` unknown).
 fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute_batch(sql)?;
+        tx.execute_batch(
+            "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)",
+        )?;
+        for earlier in 1..=i as i64 {
+            tx.execute(
+                "INSERT OR IGNORE INTO schema_version (version, applied_at) VALUES (?1, 'unknown')",
+                params![earlier],
+            )?;
+        }
+        tx.execute(
+            "INSERT INTO schema_version (version, applied_at) VALUES (?1, ?2)",
+            params![i as i64 + 1, timestamp(SystemTime::now())],
+        )?;
         tx.pragma_update(None, "user_version", i as i64 + 1)?;
         tx.commit()?;
     }
@@ -313,7 +331,7 @@ impl PaymentStatus {
         }
     }
 
-    fn parse(s: &str) -> PaymentStatus {
+    pub(crate) fn parse(s: &str) -> PaymentStatus {
         match s {
             "processing" => PaymentStatus::Processing,
             "pending" => PaymentStatus::Pending,
@@ -516,6 +534,18 @@ mod tests {
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
         assert_eq!(v, MIGRATIONS.len() as i64);
+        let recorded: i64 = c
+            .query_row(
+                "SELECT count(*) FROM schema_version WHERE applied_at != 'unknown'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(
+            recorded,
+            MIGRATIONS.len() as i64,
+            "each migration recorded once"
+        );
         let mode: String = c
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
             .unwrap();

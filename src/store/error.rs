@@ -17,6 +17,8 @@ pub enum DbError {
     Sqlite(#[from] rusqlite::Error),
     #[error("pool error: {0}")]
     Pool(String),
+    #[error("database error: {0}")]
+    Postgres(String),
 }
 
 impl DbError {
@@ -43,6 +45,7 @@ impl DbError {
             },
             DbError::Sqlite(e) => DbError::Pool(format!("the batch failed: {e}")),
             DbError::Pool(e) => DbError::Pool(e.clone()),
+            DbError::Postgres(e) => DbError::Postgres(e.clone()),
         }
     }
 

@@ -226,6 +226,10 @@ pub struct Unsettled {
     pub scope: String,
     pub key: String,
     pub payment: Payment,
+    /// On PostgreSQL, the token this reconciler locked the key with while it asks the
+    /// provider (other instances skip it meanwhile); `None` on SQLite, where one process
+    /// reconciles alone.
+    pub lease: Option<String>,
 }
 
 /// Up to `limit` unsettled payments; a lock taken before `stale_before_ms` belongs to a request
@@ -253,6 +257,7 @@ pub fn unsettled(
                 scope,
                 key,
                 payment,
+                lease: None,
             });
         }
     }

@@ -15,6 +15,7 @@ mod middleware;
 mod nginx;
 mod observability;
 mod payments;
+mod postgres;
 mod provider_answers;
 mod provider_faults;
 mod readme;
