@@ -29,6 +29,7 @@ pub const ROUTE_STATUSES: &[(&str, &[u16])] = &[
     ("GET /healthz", &[200]),
     ("GET /readyz", &[200]),
     ("GET /metrics", &[200]),
+    ("GET /openapi.json", &[200]),
     ("other", &[404, 405]),
 ];
 /// What any route can answer: 414/431 from the guards, 500 from a panic, 503 when shed.

@@ -13,6 +13,7 @@ mod layout;
 mod middleware;
 mod nginx;
 mod observability;
+mod openapi;
 mod payments;
 mod provider_answers;
 mod provider_faults;

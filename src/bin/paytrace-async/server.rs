@@ -264,6 +264,7 @@ async fn route(
             return blocking(move || routes::readyz(&app)).await;
         }
         "GET /metrics" => return Ok(routes::render_metrics(app, twin.provider.breaker_state())),
+        "GET /openapi.json" => return Ok(routes::openapi(app)),
         _ => {}
     }
     let headers = ChainHeaders {
