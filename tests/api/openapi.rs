@@ -292,3 +292,34 @@ fn the_server_serves_the_document_as_it_is_in_the_repository_without_a_key() {
         "the served document differs from data/openapi.json"
     );
 }
+
+/// Found by the fuzz run: the document's `amount` is a JSON Schema `integer`, which a number
+/// with no fractional part written as `1999.0` is; the server refused it with 400. It is that
+/// integer now, and charged as such.
+#[test]
+fn a_whole_amount_written_with_a_fraction_is_that_integer() {
+    let serve = Serve::start(&[]);
+    let r = pay(
+        serve.url(),
+        "whole-amount",
+        r#"{"amount":1999.0,"currency":"usd","source":"tok_visa"}"#,
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["amount"], 1999);
+    // The same payment written as an integer is the same request: replayed, not reused.
+    let again = pay(
+        serve.url(),
+        "whole-amount",
+        r#"{"amount":1999,"currency":"usd","source":"tok_visa"}"#,
+    );
+    assert_eq!(again.status, 201, "{}", again.body);
+    assert_eq!(again.header("Idempotent-Replayed"), Some("true"));
+    assert_eq!(again.body["id"], r.body["id"]);
+    let fraction = pay(
+        serve.url(),
+        "fraction",
+        r#"{"amount":1999.5,"currency":"usd","source":"tok_visa"}"#,
+    );
+    assert_eq!(fraction.status, 400);
+    assert_eq!(fraction.body["errors"][0]["field"], "amount");
+}
