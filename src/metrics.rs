@@ -29,6 +29,7 @@ pub const ROUTE_STATUSES: &[(&str, &[u16])] = &[
     ("GET /healthz", &[200]),
     ("GET /readyz", &[200]),
     ("GET /metrics", &[200]),
+    ("GET /openapi.json", &[200]),
     ("GET /", &[200]),
     ("GET /debug/state", &[200]),
     ("PUT /debug/provider-faults", &[200, 400, 401, 404, 415]),

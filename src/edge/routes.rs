@@ -11,6 +11,7 @@
 //! | POST | `/payments` | yes | [`crate::flow::payment::create`] |
 //! | GET, HEAD | `/payments` | yes | [`crate::flow::read::list`] |
 //! | GET, HEAD | `/payments/{id}` | yes | [`crate::flow::read::get`] |
+//! | GET, HEAD | `/openapi.json` | no | this API's OpenAPI document (`data/openapi.json`), compiled in |
 //! | GET, HEAD | `/` | no, and no worker | the live page ([`super::live`]) |
 //! | GET, HEAD | `/debug/state` | no, and no worker | the JSON the live page refreshes from |
 //! | PUT | `/debug/provider-faults` | API key only, no worker | the simulated provider's faults |
@@ -141,6 +142,12 @@ pub const ROUTES: &[Route] = &[
         template: "/debug/burst",
         label: "POST /debug/burst",
         handler: Handler::Immediate(live::start_burst),
+    },
+    Route {
+        methods: Methods::Read,
+        template: "/openapi.json",
+        label: "GET /openapi.json",
+        handler: Handler::Open(openapi),
     },
 ];
 
@@ -290,6 +297,15 @@ fn get_payment(
 /// `GET /healthz`: the process runs.
 pub fn healthz() -> Reply {
     Reply::json(200, &json!({"status": "ok"}))
+}
+
+/// The OpenAPI document of this API (`data/openapi.json`), compiled in.
+pub const OPENAPI: &str = include_str!("../../data/openapi.json");
+
+/// `GET /openapi.json`: the document, as `application/json` so that every client and tool reads
+/// it as JSON without knowing a vendor media type.
+pub fn openapi(_: &App) -> Reply {
+    Reply::text(200, "application/json", OPENAPI)
 }
 
 /// `GET /readyz`: 503 while draining, or while storage cannot be written or read.

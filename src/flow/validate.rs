@@ -101,7 +101,10 @@ pub fn parse_new_payment(body: &[u8]) -> Result<NewPayment, ApiError> {
         .map(|name| FieldError::new(name, "appears more than once"))
         .collect();
     let amount = match fields.remove("amount") {
-        Some(Value::Number(n)) => match n.as_i64() {
+        // A number with no fractional part is that integer, however it is written (`1999`,
+        // `1999.0`, `1.999e3`), as JSON Schema's `integer` and JSON parsers that keep one
+        // number type have it.
+        Some(Value::Number(n)) => match n.as_i64().or_else(|| whole(n.as_f64())) {
             Some(a) if (1..=MAX_AMOUNT).contains(&a) => Some(a),
             _ => {
                 errors.push(FieldError::new(
@@ -188,6 +191,13 @@ pub fn parse_new_payment(body: &[u8]) -> Result<NewPayment, ApiError> {
     }
 }
 
+/// `f` as an integer when it has no fractional part and is within the amounts' range (so the
+/// conversion is exact).
+fn whole(f: Option<f64>) -> Option<i64> {
+    f.filter(|f| f.fract() == 0.0 && (0.0..=MAX_AMOUNT as f64).contains(f))
+        .map(|f| f as i64)
+}
+
 fn take_string(
     fields: &mut Map<String, Value>,
     name: &str,
@@ -258,6 +268,18 @@ mod tests {
         );
         assert_eq!(
             errors_of(r#"{"amount":"5","currency":"usd","source":"x"}"#),
+            ["amount"]
+        );
+        for whole in ["1999.0", "1.999e3", "19990e-1"] {
+            let body = format!(r#"{{"amount":{whole},"currency":"usd","source":"x"}}"#);
+            assert_eq!(
+                parse_new_payment(body.as_bytes()).unwrap().amount,
+                1999,
+                "{whole}"
+            );
+        }
+        assert_eq!(
+            errors_of(r#"{"amount":1e300,"currency":"usd","source":"x"}"#),
             ["amount"]
         );
         assert_eq!(

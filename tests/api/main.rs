@@ -14,6 +14,7 @@ mod live;
 mod middleware;
 mod nginx;
 mod observability;
+mod openapi;
 mod payments;
 mod postgres;
 mod provider_answers;

@@ -267,6 +267,12 @@ async fn route(
             return blocking(move || routes::readyz(&app)).await;
         }
         "GET /metrics" => return Ok(routes::render_metrics(app, twin.provider.breaker_state())),
+        "GET /openapi.json" => return Ok(routes::openapi(app)),
+        // The live page and its controls are the sync server's (its dispatcher answers them
+        // without a worker); the twin has no such page yet: a plain 404, not the payment read.
+        "GET /" | "GET /debug/state" | "PUT /debug/provider-faults" | "POST /debug/burst" => {
+            return Err(ApiError::NotFound);
+        }
         _ => {}
     }
     let headers = ChainHeaders {
