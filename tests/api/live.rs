@@ -345,6 +345,9 @@ fn against_a_real_provider_there_are_no_controls() {
     let url = serve.url();
     assert_eq!(state(url)["controls"], Value::Null);
     for (method, path) in [("PUT", "/debug/provider-faults"), ("POST", "/debug/burst")] {
+        // The key first: without one, nothing says whether there are controls.
+        let r = control(url, method, path, None, r#"{"fail_rate": 1}"#);
+        assert_eq!(r.status, 401, "{path}: {}", r.body);
         let r = control(url, method, path, Some(KEY), r#"{"fail_rate": 1}"#);
         assert_eq!(r.status, 404, "{path}: {}", r.body);
         assert_eq!(r.body["code"], "not-found");

@@ -215,12 +215,15 @@ fn problem(info: &RequestInfo, status: u16, code: &str, title: &str, detail: &st
     )
 }
 
-/// The controls, or 404 saying why there are none; then the API key (401 otherwise).
+/// The API key (401 without one: an anonymous client does not learn whether there are
+/// controls), then the controls, or 404 saying why there are none.
 fn controls<'a>(
     app: &'a App,
     info: &RequestInfo,
     request: &Request,
 ) -> Result<&'a Controls, Reply> {
+    auth::authenticate(&app.keys, http::header(request, "Authorization"))
+        .map_err(|e| e.into_reply(&info.request_id))?;
     let Some(controls) = app.board.controls.as_ref() else {
         return Err(problem(
             info,
@@ -231,8 +234,6 @@ fn controls<'a>(
              (without --provider-url)",
         ));
     };
-    auth::authenticate(&app.keys, http::header(request, "Authorization"))
-        .map_err(|e| e.into_reply(&info.request_id))?;
     Ok(controls)
 }
 
