@@ -715,10 +715,8 @@ mod tests {
                 std::thread::sleep(Duration::from_millis(5));
             }
         };
-        // A patient write, then one whose caller waits 3.5 s in all: the writer takes both
-        // into its next batch.
-        let patient = write_in_background(&db, "patient");
-        queued(1);
+        // A write whose caller waits 3.5 s in all, then a patient one (10 s): the writer takes
+        // both into its next batch, the impatient one first.
         let t = std::time::Instant::now();
         let impatient = {
             let db = db.clone();
@@ -730,9 +728,12 @@ mod tests {
                 )
             })
         };
+        queued(1);
+        let patient = write_in_background(&db, "patient");
         queued(2);
-        // As if writes had lately taken 5 s each: after the batch's first write, the second
-        // could not be written and committed within its caller's 3.5 s.
+        // As if writes had lately taken 5 s each: neither could be written and committed in
+        // time; the one with the most time left runs (the pace must come up to date), the
+        // other is let go at once — not run first because it is first.
         db.set_writer_pace(Duration::from_secs(5));
         drop(lock);
         assert_eq!(blocker.join().unwrap().result.unwrap(), 1);

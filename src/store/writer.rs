@@ -318,7 +318,7 @@ struct Writer {
 
 impl Writer {
     fn run(&self, rx: &Receiver<Op>, stop: &AtomicBool) {
-        // Taken writes a batch left for the next one (see `commit`): they go first.
+        // Taken writes a batch left for the next one (see `commit`): they go first of their kind.
         let mut carried: Vec<Op> = Vec::new();
         loop {
             let mut batch = std::mem::take(&mut carried);
@@ -350,8 +350,11 @@ impl Writer {
                     Err(now) => now == TAKEN,
                 }
             });
-            // Stable: in arrival order within each kind.
+            // Outcomes of sent charges first; stable, so in arrival order within each kind
+            // (carried writes ahead of new ones of their kind).
             batch.sort_by_key(|op| !op.first);
+            // The batch is the writer's now, no longer waiting for it.
+            self.holding.store(0, Ordering::SeqCst);
             if !batch.is_empty() {
                 carried = self.commit_batch(batch, rx.len(), self.busy, self.busy);
             }
@@ -407,11 +410,11 @@ impl Writer {
     /// A transaction answers its writes only when it commits, so it must commit before the
     /// first of their callers stops waiting: once less than two writes' time (at the pace of the
     /// last writes) is left before that moment, the rest of the batch is left for the next one.
-    /// After the first write of a batch, a write that could not be written and committed before
-    /// its own caller stops waiting is let go unrun: its caller answers 503 at once, instead of
-    /// 504 later. Without this, writes
-    /// slower than usual (a slow disk) made every batch outlast its callers' patience: the
-    /// writer stayed busy and every answer came too late.
+    /// A write that could not be written and committed before its own caller stops waiting is
+    /// let go unrun: its caller answers 503 at once, instead of 504 later — unless no write of
+    /// the batch could, when the one with the most time left runs (see `fallback`). Without
+    /// this, writes slower than usual (a slow disk) made every batch outlast its callers'
+    /// patience: the writer stayed busy and every answer came too late.
     fn commit(
         &self,
         batch: Vec<Op>,
@@ -443,23 +446,35 @@ impl Writer {
             Vec::with_capacity(batch.len());
         let mut left = Vec::new();
         let mut earliest_give_up: Option<Instant> = None;
-        let mut ops = batch.into_iter();
-        while let Some(op) = ops.next() {
+        // When by the pace no write of the batch could be committed before its caller stops
+        // waiting, the one with the most time left runs anyway (its caller still waits): it
+        // brings the pace up to date, so one slow write cannot leave a pace that refuses every
+        // later write for good.
+        let start = Instant::now();
+        let needed_now = 2 * self.pace();
+        let fallback = if batch.iter().any(|op| start + needed_now < op.give_up_at) {
+            None
+        } else {
+            batch
+                .iter()
+                .enumerate()
+                .filter(|(_, op)| start < op.give_up_at)
+                .max_by_key(|(_, op)| op.give_up_at)
+                .map(|(i, _)| i)
+        };
+        let mut ops = batch.into_iter().enumerate();
+        while let Some((i, op)) = ops.next() {
             let now = Instant::now();
             // Time for this write and the commit, at the pace of the last writes.
             let needed = 2 * self.pace();
             if earliest_give_up.is_some_and(|earliest| now + needed >= earliest) {
-                left = std::iter::once(op).chain(ops).collect();
+                left = std::iter::once(op).chain(ops.map(|(_, op)| op)).collect();
                 break;
             }
-            // Its caller has stopped waiting, or — judged by the pace, once a write of this
-            // batch has run and so brought the pace up to date — it could not be written and
-            // committed before that. The first write a batch can run always runs: one slow
-            // write must not leave a pace that refuses every write after it, for good.
-            // Dropping the write closes its channel, which tells the caller at once that
-            // nothing was written.
-            if now >= op.give_up_at || (earliest_give_up.is_some() && now + needed >= op.give_up_at)
-            {
+            // Its caller has stopped waiting, or it could not be written and committed before
+            // that (but for the fallback above). Dropping the write closes its channel, which
+            // tells the caller at once that nothing was written.
+            if now >= op.give_up_at || (Some(i) != fallback && now + needed >= op.give_up_at) {
                 continue;
             }
             if op
@@ -488,7 +503,7 @@ impl Writer {
                     .into_iter()
                     .map(|(answer, _)| answer)
                     .chain(std::iter::once(op.answer))
-                    .chain(ops.map(|op| op.answer))
+                    .chain(ops.map(|(_, op)| op.answer))
                     .collect();
                 fail_all(answers, why, taken);
                 return (None, Vec::new());
