@@ -18,6 +18,7 @@ use crate::load::{self, LoadConfig};
 
 pub mod cluster;
 pub mod compare;
+pub(crate) mod nginx;
 
 #[derive(Args, Clone, Debug)]
 pub struct BenchConfig {

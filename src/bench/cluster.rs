@@ -4,12 +4,11 @@
 //! instances are not three machines: each row says how much of the CPU it kept busy and the
 //! payments per busy core, which is what can be compared, rather than a speed-up.
 
-use std::net::TcpStream;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 
+use super::nginx::Nginx;
 use super::{BenchConfig, Proc, cpu_jiffies, spawn};
 use crate::load::{self, LoadConfig};
 
@@ -20,19 +19,6 @@ const CLUSTER_CONF: &str = include_str!("../../data/nginx/paytrace-cluster.conf"
 const PROVIDER_LATENCY_MS: u64 = 50;
 /// Clients for every row.
 const CLIENTS: u32 = 64;
-
-/// A real nginx on `port` in front of `upstreams`, in its own temporary prefix; stopped when
-/// dropped.
-struct Nginx {
-    _proc: Proc,
-    dir: std::path::PathBuf,
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 /// The shipped cluster config listening on `port`, with `upstreams` as its servers.
 fn cluster_conf(port: u16, upstreams: &[String]) -> Result<String, String> {
@@ -52,46 +38,6 @@ fn cluster_conf(port: u16, upstreams: &[String]) -> Result<String, String> {
         conf = conf.replace(&line, &with);
     }
     Ok(conf)
-}
-
-fn start_nginx(upstreams: &[String]) -> Result<(Nginx, String), String> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(|e| e.to_string())?
-        .port();
-    let dir = std::env::temp_dir().join(format!(
-        "paytrace-bench-nginx-{:08x}",
-        rand::random::<u32>()
-    ));
-    for sub in ["logs", "temp"] {
-        std::fs::create_dir_all(dir.join(sub)).map_err(|e| e.to_string())?;
-    }
-    let conf_path = dir.join("nginx.conf");
-    std::fs::write(&conf_path, cluster_conf(port, upstreams)?).map_err(|e| e.to_string())?;
-    let child = Command::new("nginx")
-        .arg("-p")
-        .arg(&dir)
-        .arg("-c")
-        .arg(&conf_path)
-        .args(["-g", "daemon off; master_process off;"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("cannot start nginx (is it installed?): {e}"))?;
-    let url = format!("http://127.0.0.1:{port}");
-    let nginx = Nginx {
-        _proc: Proc(child, url.clone()),
-        dir,
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if Instant::now() > deadline {
-            return Err("nginx did not listen within 10 s".into());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok((nginx, url))
 }
 
 /// One row: `instances` servers on `db`, behind nginx or not.
@@ -130,12 +76,12 @@ fn row(
             .iter()
             .map(|s| s.1.trim_start_matches("http://").to_string())
             .collect();
-        Some(start_nginx(&upstreams)?)
+        Some(Nginx::start(|port| cluster_conf(port, &upstreams))?)
     } else {
         None
     };
     let url = match &front {
-        Some((_, url)) => url.clone(),
+        Some(nginx) => nginx.url.clone(),
         None => servers[0].1.clone(),
     };
     let cpu_before = cpu_jiffies();

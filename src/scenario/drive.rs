@@ -15,7 +15,7 @@ use serde_json::Value;
 
 use super::invariants;
 use super::model::{Answer, Fault, Run, RunResult, Sample, TICK};
-use super::nginx::Nginx;
+use crate::bench::nginx::Nginx;
 use crate::bench::{Proc, spawn};
 use crate::config::DEV_API_KEY;
 
@@ -353,7 +353,7 @@ pub(crate) fn execute(run: &Run, duration: Duration, seed: u64) -> Result<RunRes
     // unless the clients go through nginx.
     let server_url = Arc::new(RwLock::new(server.1.clone()));
     let front = if run.via_nginx {
-        Some(Nginx::start(&server.1)?)
+        Some(Nginx::single(&server.1)?)
     } else {
         None
     };

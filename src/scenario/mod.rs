@@ -17,7 +17,6 @@
 mod drive;
 mod invariants;
 mod model;
-mod nginx;
 mod report;
 mod story;
 mod timeline;
@@ -269,7 +268,7 @@ pub fn run(config: ScenarioConfig) -> u8 {
     let duration = config.duration.unwrap_or(scenario.default_duration);
     let mut results = Vec::new();
     for (i, run) in scenario.runs.iter().enumerate() {
-        if run.via_nginx && !nginx::installed() {
+        if run.via_nginx && !crate::bench::nginx::installed() {
             eprintln!(
                 "paytrace scenario {}: run {} skipped: it needs nginx on PATH (the other runs go on)",
                 scenario.name, run.label

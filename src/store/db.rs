@@ -670,15 +670,8 @@ mod tests {
     #[test]
     fn a_write_recording_what_happened_goes_ahead_of_the_writes_queued_with_it() {
         let (_dir, db, lock, blocker) = stuck_writer("blocker");
-        let queued = |n: usize| {
-            let deadline = std::time::Instant::now() + Duration::from_secs(5);
-            while db.writer_queue() < n {
-                assert!(std::time::Instant::now() < deadline, "{n} writes queue");
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        };
         let new = write_in_background(&db, "new");
-        queued(1);
+        eventually_queued(&db, 1);
         let recorded = {
             let db = db.clone();
             std::thread::spawn(move || {
@@ -689,7 +682,7 @@ mod tests {
                 )
             })
         };
-        queued(2);
+        eventually_queued(&db, 2);
         drop(lock);
         for w in [blocker, new, recorded] {
             assert_eq!(w.join().unwrap().result.unwrap(), 1);
@@ -708,13 +701,6 @@ mod tests {
     #[test]
     fn a_write_that_could_not_be_committed_before_its_caller_stops_waiting_is_refused_unrun() {
         let (_dir, db, lock, blocker) = stuck_writer("blocker");
-        let queued = |n: usize| {
-            let deadline = std::time::Instant::now() + Duration::from_secs(5);
-            while db.writer_queue() < n {
-                assert!(std::time::Instant::now() < deadline, "{n} writes queue");
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        };
         // A write whose caller waits 3.5 s in all, then a patient one (10 s): the writer takes
         // both into its next batch, the impatient one first.
         let t = std::time::Instant::now();
@@ -728,9 +714,9 @@ mod tests {
                 )
             })
         };
-        queued(1);
+        eventually_queued(&db, 1);
         let patient = write_in_background(&db, "patient");
-        queued(2);
+        eventually_queued(&db, 2);
         // As if writes had lately taken 5 s each: neither could be written and committed in
         // time; the one with the most time left runs (the pace must come up to date), the
         // other is let go at once — not run first because it is first.
@@ -784,6 +770,15 @@ mod tests {
         assert_eq!(db.slow_writes().toggle(), slow);
     }
 
+    /// Waits (≤ 5 s) until `n` writes wait for the writer.
+    fn eventually_queued(db: &Db, n: usize) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while db.writer_queue() < n {
+            assert!(std::time::Instant::now() < deadline, "{n} writes queue");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// Waits (≤ 5 s) until the writer runs a batch and has taken everything queued.
     fn eventually_queue_empty(db: &Db) {
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
@@ -829,11 +824,7 @@ mod tests {
                 write_in_background(&db, &key)
             })
             .collect();
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while db.writer_queue() < 10 {
-            assert!(std::time::Instant::now() < deadline, "ten writes queue");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        eventually_queued(&db, 10);
         drop(lock);
         assert!(blocker.join().unwrap().result.is_ok());
         let results: Vec<_> = writes

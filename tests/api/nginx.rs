@@ -28,26 +28,33 @@ impl Drop for Nginx {
 impl Nginx {
     /// The shipped config with its listen port and upstream servers replaced.
     pub fn start(upstreams: &[SocketAddr]) -> Nginx {
-        let shipped = std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/data/nginx/paytrace.conf"
-        ))
-        .unwrap();
+        Nginx::with("paytrace.conf", |shipped, port| {
+            let servers: String = upstreams
+                .iter()
+                .map(|a| format!("server {a} max_fails=0;\n        "))
+                .collect();
+            let conf = shipped
+                .replace(
+                    "listen 127.0.0.1:8000;",
+                    &format!("listen 127.0.0.1:{port};"),
+                )
+                .replace("server 127.0.0.1:8080 max_fails=0;\n        ", &servers);
+            assert!(
+                conf.contains(&format!(":{port}")) && !conf.contains("server 127.0.0.1:8080"),
+                "the config's shape changed"
+            );
+            conf
+        })
+    }
+
+    /// The shipped `data/nginx/{file}`, made by `configure` into the config for a free `port`,
+    /// run by a real nginx; returns once it listens.
+    pub fn with(file: &str, configure: impl FnOnce(String, u16) -> String) -> Nginx {
+        let shipped =
+            std::fs::read_to_string(format!("{}/data/nginx/{file}", env!("CARGO_MANIFEST_DIR")))
+                .unwrap();
         let port = dead_addr().port();
-        let servers: String = upstreams
-            .iter()
-            .map(|a| format!("server {a} max_fails=0;\n        "))
-            .collect();
-        let conf = shipped
-            .replace(
-                "listen 127.0.0.1:8000;",
-                &format!("listen 127.0.0.1:{port};"),
-            )
-            .replace("server 127.0.0.1:8080 max_fails=0;\n        ", &servers);
-        assert!(
-            conf.contains(&format!(":{port}")) && !conf.contains("server 127.0.0.1:8080"),
-            "the config's shape changed"
-        );
+        let conf = configure(shipped, port);
         let dir = tempfile::tempdir().unwrap();
         for sub in ["logs", "temp"] {
             std::fs::create_dir_all(dir.path().join(sub)).unwrap();

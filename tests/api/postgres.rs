@@ -21,6 +21,7 @@ use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Text};
 
 use crate::helpers::*;
+use crate::nginx::Nginx;
 
 // ---- The PostgreSQL server ------------------------------------------------------------------
 
@@ -245,28 +246,9 @@ fn instance(db: &str, provider: &str, extra: &[&str]) -> Proc {
     Proc::start(&args)
 }
 
-/// A real nginx running the shipped cluster config in front of `upstreams`.
-struct ClusterNginx {
-    child: std::process::Child,
-    addr: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for ClusterNginx {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl ClusterNginx {
-    fn start(upstreams: &[SocketAddr]) -> ClusterNginx {
-        let shipped = std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/data/nginx/paytrace-cluster.conf"
-        ))
-        .unwrap();
-        let port = dead_addr().port();
+/// The shipped cluster config in a real nginx, in front of `upstreams` (at most three).
+fn cluster_nginx(upstreams: &[SocketAddr]) -> Nginx {
+    Nginx::with("paytrace-cluster.conf", |shipped, port| {
         let mut conf = shipped.replace(
             "listen 127.0.0.1:8000;",
             &format!("listen 127.0.0.1:{port};"),
@@ -281,37 +263,8 @@ impl ClusterNginx {
             conf.contains(&format!(":{port};")) && !conf.contains("server 127.0.0.1:808"),
             "the cluster config's shape changed"
         );
-        let dir = tempfile::tempdir().unwrap();
-        for sub in ["logs", "temp"] {
-            std::fs::create_dir_all(dir.path().join(sub)).unwrap();
-        }
-        let conf_path = dir.path().join("nginx.conf");
-        std::fs::write(&conf_path, conf).unwrap();
-        let child = Command::new("nginx")
-            .arg("-p")
-            .arg(dir.path())
-            .arg("-c")
-            .arg(&conf_path)
-            .args(["-g", "daemon off; master_process off;"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nginx is installed (.ci/run installs it)");
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        eventually(Duration::from_secs(10), "nginx listens", || {
-            TcpStream::connect(addr).ok()
-        });
-        ClusterNginx {
-            child,
-            addr,
-            _dir: dir,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
+        conf
+    })
 }
 
 /// Pays with `key` until an answer is final (201 or 402), retrying what a client retries
@@ -483,7 +436,7 @@ fn behind_the_cluster_nginx_one_key_from_fifty_clients_is_one_payment() {
     let provider = provider(&["--latency", "400ms"]);
     let servers: Vec<Proc> = (0..3).map(|_| instance(&db, &provider.url, &[])).collect();
     let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
-    let nginx = ClusterNginx::start(&addrs);
+    let nginx = cluster_nginx(&addrs);
     let base = nginx.url();
     let seen = concurrently(50, |_| pay(&base, "front-key", &body(4242)).status);
     assert!(seen.iter().all(|s| matches!(s, 201 | 409)), "{seen:?}");
@@ -510,7 +463,7 @@ fn behind_the_cluster_nginx_a_killed_instance_loses_and_doubles_nothing_after_re
         .map(|_| Some(instance(&db, &provider.url, &[])))
         .collect();
     let addrs: Vec<SocketAddr> = servers.iter().flatten().map(|s| s.addr).collect();
-    let nginx = ClusterNginx::start(&addrs);
+    let nginx = cluster_nginx(&addrs);
     let base = nginx.url();
     let clients = 12;
     let per_client = 10;
@@ -584,7 +537,7 @@ fn behind_the_cluster_nginx_sigterm_on_one_instance_costs_no_5xx() {
     let provider = provider(&["--latency", "50ms"]);
     let mut servers: Vec<Proc> = (0..3).map(|_| instance(&db, &provider.url, &[])).collect();
     let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
-    let nginx = ClusterNginx::start(&addrs);
+    let nginx = cluster_nginx(&addrs);
     let base = nginx.url();
     let clients = 12;
     let per_client = 15;

@@ -1,6 +1,7 @@
-//! The shipped production front, `data/nginx/paytrace.conf`, run by a real nginx in front of a
-//! scenario's server: the same file, compiled in, with only its listen port and its upstream
-//! replaced. The scenario that compares the two fronts runs its second half through it.
+//! A real nginx in front of servers this process started, with one of the shipped configs
+//! (compiled in; only its listen port and upstream servers replaced): `data/nginx/paytrace.conf`
+//! for `paytrace scenario slow-clients`, `data/nginx/paytrace-cluster.conf` for the PostgreSQL
+//! rows of `paytrace bench`.
 
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -8,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-/// The shipped config, as a reader finds it in the repository.
+/// The shipped single-server config, as a reader finds it in the repository.
 const SHIPPED: &str = include_str!("../../data/nginx/paytrace.conf");
 /// The lines of it that name the port nginx listens on and the paytrace it forwards to.
 const LISTEN: &str = "listen 127.0.0.1:8000;";
@@ -29,8 +30,8 @@ impl Drop for Nginx {
     }
 }
 
-/// The shipped config with nginx listening on `port` and forwarding to `upstream`
-/// (`HOST:PORT`); an error if the file no longer has the lines this replaces.
+/// The shipped single-server config with nginx listening on `port` and forwarding to
+/// `upstream` (`HOST:PORT`); an error if the file no longer has the lines this replaces.
 pub(crate) fn config_for(port: u16, upstream: &str) -> Result<String, String> {
     if !SHIPPED.contains(LISTEN) || !SHIPPED.contains(UPSTREAM) {
         return Err(format!(
@@ -43,18 +44,24 @@ pub(crate) fn config_for(port: u16, upstream: &str) -> Result<String, String> {
 }
 
 impl Nginx {
-    /// Starts nginx (from `PATH`) in front of the paytrace at `upstream` (`http://HOST:PORT`),
-    /// on a free loopback port, and waits (at most 10 s) until it accepts connections.
-    pub(crate) fn start(upstream: &str) -> Result<Nginx, String> {
+    /// Starts nginx (from `PATH`) in front of the paytrace at `upstream` (`http://HOST:PORT`)
+    /// with the shipped single-server config.
+    pub(crate) fn single(upstream: &str) -> Result<Nginx, String> {
+        Nginx::start(|port| config_for(port, upstream.trim_start_matches("http://")))
+    }
+
+    /// Starts nginx (from `PATH`) with the config `config` makes for a free loopback port, and
+    /// waits (at most 10 s) until it accepts connections.
+    pub(crate) fn start(
+        config: impl FnOnce(u16) -> Result<String, String>,
+    ) -> Result<Nginx, String> {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map_err(|e| format!("no free port for nginx: {e}"))?
             .port();
-        let config = config_for(port, upstream.trim_start_matches("http://"))?;
-        let dir = std::env::temp_dir().join(format!(
-            "paytrace-scenario-nginx-{:08x}",
-            rand::random::<u32>()
-        ));
+        let config = config(port)?;
+        let dir =
+            std::env::temp_dir().join(format!("paytrace-nginx-{:08x}", rand::random::<u32>()));
         for sub in ["logs", "temp"] {
             std::fs::create_dir_all(dir.join(sub)).map_err(|e| e.to_string())?;
         }
@@ -65,7 +72,7 @@ impl Nginx {
             .arg(&dir)
             .arg("-c")
             .arg(&conf)
-            // One foreground process that keeps this user: enough for a scenario.
+            // One foreground process that keeps this user: enough for a run of this process.
             .args(["-g", "daemon off; master_process off;"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
