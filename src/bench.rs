@@ -208,6 +208,43 @@ fn batch_fields(before: Option<(f64, u64)>, after: Option<(f64, u64)>) -> Value 
 }
 
 /// A child process, killed when dropped.
+/// The most threads a process had, sampled every 100 ms on a thread of its own until stopped.
+pub(crate) struct ThreadPeak {
+    sampling: Arc<AtomicBool>,
+    peak: Arc<AtomicU64>,
+    sampler: thread::JoinHandle<()>,
+}
+
+impl ThreadPeak {
+    pub(crate) fn watch(pid: u32) -> ThreadPeak {
+        let sampling = Arc::new(AtomicBool::new(true));
+        let peak = Arc::new(AtomicU64::new(0));
+        let sampler = {
+            let (sampling, peak) = (sampling.clone(), peak.clone());
+            thread::spawn(move || {
+                while sampling.load(Ordering::Relaxed) {
+                    if let Some((_, threads)) = proc_status(pid) {
+                        peak.fetch_max(threads, Ordering::Relaxed);
+                    }
+                    thread::sleep(Duration::from_millis(100));
+                }
+            })
+        };
+        ThreadPeak {
+            sampling,
+            peak,
+            sampler,
+        }
+    }
+
+    /// Stops sampling; the peak seen.
+    pub(crate) fn stop(self) -> u64 {
+        self.sampling.store(false, Ordering::Relaxed);
+        let _ = self.sampler.join();
+        self.peak.load(Ordering::Relaxed)
+    }
+}
+
 pub(crate) struct Proc(pub(crate) Child, pub(crate) String);
 
 impl Drop for Proc {
@@ -330,19 +367,7 @@ pub fn run(config: BenchConfig) -> Result<(), String> {
         args.extend(s.serve_args.iter().cloned());
         let serve = spawn(&args)?;
         let pid = serve.0.id();
-        let sampling = Arc::new(AtomicBool::new(true));
-        let peak_threads = Arc::new(AtomicU64::new(0));
-        let sampler = {
-            let (sampling, peak_threads) = (sampling.clone(), peak_threads.clone());
-            thread::spawn(move || {
-                while sampling.load(Ordering::Relaxed) {
-                    if let Some((_, threads)) = proc_status(pid) {
-                        peak_threads.fetch_max(threads, Ordering::Relaxed);
-                    }
-                    thread::sleep(Duration::from_millis(100));
-                }
-            })
-        };
+        let threads = ThreadPeak::watch(pid);
         let load_config = |path: &str, concurrency: u32| LoadConfig {
             url: serve.1.clone(),
             api_key: crate::config::DEV_API_KEY.into(),
@@ -379,8 +404,7 @@ pub fn run(config: BenchConfig) -> Result<(), String> {
             _ => f64::NAN,
         };
         let batches_after = batch_totals(&serve.1);
-        sampling.store(false, Ordering::Relaxed);
-        let _ = sampler.join();
+        let peak_threads = threads.stop();
         let rss_kib = proc_status(pid).map(|(rss, _)| rss).unwrap_or(0);
         let requests = summary["requests"].as_u64().unwrap_or(0);
         let ok = summary["status"]
@@ -400,7 +424,7 @@ pub fn run(config: BenchConfig) -> Result<(), String> {
             "p99_ms": summary["latency_ms"]["p99"],
             "p999_ms": summary["latency_ms"]["p99.9"],
             "peak_rss_mib": (rss_kib as f64 / 1024.0 * 10.0).round() / 10.0,
-            "peak_threads": peak_threads.load(Ordering::Relaxed),
+            "peak_threads": peak_threads,
             "requests": requests,
             "non_2xx": requests - ok,
             "cpu_busy_pct": cpu_busy,

@@ -6,14 +6,11 @@
 //! The twin is built only with the `async-twin` feature; it is looked for next to this binary.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::thread;
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use super::{BenchConfig, proc_status, spawn_exe};
+use super::{BenchConfig, ThreadPeak, proc_status, spawn_exe};
 use crate::load::{self, LoadConfig};
 
 /// One row of the comparison: the same server flags and load for both sides.
@@ -168,19 +165,7 @@ pub fn run(config: &BenchConfig) -> Result<(), String> {
 /// threads, and the server's CPU time per 2xx answer.
 fn measure(serve: &super::Proc, case: &Case, duration: Duration) -> Result<Value, String> {
     let pid = serve.0.id();
-    let sampling = Arc::new(AtomicBool::new(true));
-    let peak_threads = Arc::new(AtomicU64::new(0));
-    let sampler = {
-        let (sampling, peak_threads) = (sampling.clone(), peak_threads.clone());
-        thread::spawn(move || {
-            while sampling.load(Ordering::Relaxed) {
-                if let Some((_, threads)) = proc_status(pid) {
-                    peak_threads.fetch_max(threads, Ordering::Relaxed);
-                }
-                thread::sleep(Duration::from_millis(100));
-            }
-        })
-    };
+    let threads = ThreadPeak::watch(pid);
     let cpu_before = cpu_ticks(pid);
     let summary = load::execute(
         &LoadConfig {
@@ -201,8 +186,7 @@ fn measure(serve: &super::Proc, case: &Case, duration: Duration) -> Result<Value
     let cpu = cpu_ticks(pid)
         .zip(cpu_before)
         .map(|(after, before)| after.saturating_sub(before));
-    sampling.store(false, Ordering::Relaxed);
-    let _ = sampler.join();
+    let peak_threads = threads.stop();
     let rss_kib = proc_status(pid).map_or(0, |(rss, _)| rss);
     let requests = summary["requests"].as_u64().unwrap_or(0);
     let ok: u64 = summary["status"].as_object().map_or(0, |m| {
@@ -227,7 +211,7 @@ fn measure(serve: &super::Proc, case: &Case, duration: Duration) -> Result<Value
         "p50_ms": summary["latency_ms"]["p50"],
         "p99_ms": summary["latency_ms"]["p99"],
         "peak_rss_mib": rss_kib as f64 / 1024.0,
-        "peak_threads": peak_threads.load(Ordering::Relaxed),
+        "peak_threads": peak_threads,
         "cpu_us_per_ok": cpu_us_per_ok,
         "non_2xx": requests - ok.min(requests),
     }))

@@ -71,80 +71,64 @@ pub(crate) fn catalogue() -> Vec<Scenario> {
             name: "provider-outage",
             summary: "the provider fails every call for a while: 502s, the breaker opens (503 at once), half-opens, closes after recovery",
             default_duration: secs(12),
-            runs: vec![Run {
-                label: "outage",
+            runs: vec![Run::new(
+                "outage",
                 // A 1 s open period instead of 5 s, so one run shows several half-open trials.
-                serve_args: args(&["--breaker-open", "1s"]),
-                base_latency_ms: 20,
-                fault: Fault::Provider {
+                args(&["--breaker-open", "1s"]),
+                20,
+                Fault::Provider {
                     on: json!({"fail_rate": 1.0}),
                     off: json!({"fail_rate": 0.0}),
                 },
-                fault_text: "provider fails every call (500)".into(),
-                clients: 8,
-                via_nginx: false,
-                retry: false,
-                request_timeout: secs(3),
-            }],
+                "provider fails every call (500)".into(),
+            )],
         },
         Scenario {
             name: "provider-brownout",
             summary: "provider latency x20 (40 ms -> 800 ms) for a while, then recovery: slow calls open the breaker",
             default_duration: secs(12),
-            runs: vec![Run {
-                label: "brownout",
-                serve_args: args(&["--breaker-open", "2s"]),
-                base_latency_ms: 40,
-                fault: Fault::Provider {
+            runs: vec![Run::new(
+                "brownout",
+                args(&["--breaker-open", "2s"]),
+                40,
+                Fault::Provider {
                     on: json!({"latency_ms": 800}),
                     off: json!({"latency_ms": 40}),
                 },
-                fault_text: "provider latency x20 (40 ms -> 800 ms)".into(),
-                clients: 8,
-                via_nginx: false,
-                retry: false,
-                request_timeout: secs(3),
-            }],
+                "provider latency x20 (40 ms -> 800 ms)".into(),
+            )],
         },
         Scenario {
             name: "unnested-budget",
             summary: "the same deep brownout twice: nested budgets (provider 1s in a 3s request) vs provider timeout = request timeout",
             default_duration: secs(10),
             runs: vec![
-                Run {
-                    label: "nested",
-                    serve_args: args(&["--request-timeout", "3s", "--provider-timeout", "1s"]),
-                    base_latency_ms: 40,
-                    fault: Fault::Provider {
+                Run::new(
+                    "nested",
+                    args(&["--request-timeout", "3s", "--provider-timeout", "1s"]),
+                    40,
+                    Fault::Provider {
                         on: json!({"latency_ms": 5000}),
                         off: json!({"latency_ms": 40}),
                     },
-                    fault_text: "provider latency 40 ms -> 5 s".into(),
-                    clients: 8,
-                    via_nginx: false,
-                    retry: false,
-                    request_timeout: secs(3),
-                },
-                Run {
-                    label: "unnested",
-                    serve_args: args(&[
+                    "provider latency 40 ms -> 5 s".into(),
+                ),
+                Run::new(
+                    "unnested",
+                    args(&[
                         "--request-timeout",
                         "3s",
                         "--provider-timeout",
                         "3s",
                         "--unnested-budget",
                     ]),
-                    base_latency_ms: 40,
-                    fault: Fault::Provider {
+                    40,
+                    Fault::Provider {
                         on: json!({"latency_ms": 5000}),
                         off: json!({"latency_ms": 40}),
                     },
-                    fault_text: "provider latency 40 ms -> 5 s".into(),
-                    clients: 8,
-                    via_nginx: false,
-                    retry: false,
-                    request_timeout: secs(3),
-                },
+                    "provider latency 40 ms -> 5 s".into(),
+                ),
             ],
         },
         Scenario {
@@ -152,58 +136,53 @@ pub(crate) fn catalogue() -> Vec<Scenario> {
             summary: "the provider fails for a while and clients resend every refusal at once with the same key: breaker, rate limit and idempotency meet",
             default_duration: secs(12),
             runs: vec![Run {
-                label: "storm",
-                // The default rate limit (100/s for the one API key) is what the storm meets;
-                // three clients stay under it while the provider is well.
-                serve_args: vec![
-                    "--sync".into(),
-                    "normal".into(),
-                    "--breaker-open".into(),
-                    "2s".into(),
-                ],
-                base_latency_ms: 40,
-                fault: Fault::Provider {
-                    on: json!({"fail_rate": 1.0}),
-                    off: json!({"fail_rate": 0.0}),
-                },
-                fault_text: "provider fails every call (500), clients retry at once".into(),
                 clients: 3,
-                via_nginx: false,
                 retry: true,
-                request_timeout: secs(3),
+                ..Run::new(
+                    "storm",
+                    // The default rate limit (100/s for the one API key) is what the storm
+                    // meets; three clients stay under it while the provider is well.
+                    vec![
+                        "--sync".into(),
+                        "normal".into(),
+                        "--breaker-open".into(),
+                        "2s".into(),
+                    ],
+                    40,
+                    Fault::Provider {
+                        on: json!({"fail_rate": 1.0}),
+                        off: json!({"fail_rate": 0.0}),
+                    },
+                    "provider fails every call (500), clients retry at once".into(),
+                )
             }],
         },
         Scenario {
             name: "sigterm-under-load",
             summary: "SIGTERM while payments are in flight on a slow provider: readiness fails, the listener closes, in-flight payments finish, exit 0",
             default_duration: secs(8),
-            runs: vec![Run {
-                label: "sigterm",
-                serve_args: args(&[]),
-                base_latency_ms: 300,
-                fault: Fault::Sigterm,
-                fault_text: "SIGTERM to the server".into(),
-                clients: 8,
-                via_nginx: false,
-                retry: false,
-                request_timeout: secs(3),
-            }],
+            runs: vec![Run::new(
+                "sigterm",
+                args(&[]),
+                300,
+                Fault::Sigterm,
+                "SIGTERM to the server".into(),
+            )],
         },
         Scenario {
             name: "crash-and-restart",
             summary: "kill -9 under load, restart on the same database; clients resend what they did not see answered, with the same key",
             default_duration: secs(8),
             runs: vec![Run {
-                label: "crash",
-                // `--sync full` (the default): a commit survives the crash of the process.
-                serve_args: vec!["--rate-limit".into(), "1000000/s".into()],
-                base_latency_ms: 100,
-                fault: Fault::CrashAndRestart,
-                fault_text: "kill -9 of the server".into(),
-                clients: 8,
-                via_nginx: false,
                 retry: true,
-                request_timeout: secs(3),
+                ..Run::new(
+                    "crash",
+                    // `--sync full` (the default): a commit survives the crash of the process.
+                    vec!["--rate-limit".into(), "1000000/s".into()],
+                    100,
+                    Fault::CrashAndRestart,
+                    "kill -9 of the server".into(),
+                )
             }],
         },
         Scenario {
@@ -211,15 +190,14 @@ pub(crate) fn catalogue() -> Vec<Scenario> {
             summary: "every write 60 ms slower for a while: the writer falls behind, writes wait past their acquire slice, 503s; the provider is never called for a payment whose claim was not written",
             default_duration: secs(12),
             runs: vec![Run {
-                label: "slow-writes",
-                serve_args: args(&["--write-delay", "60ms"]),
-                base_latency_ms: 20,
-                fault: Fault::SlowWrites,
-                fault_text: "every write 60 ms slower (--write-delay, SIGUSR1)".into(),
                 clients: 16,
-                via_nginx: false,
-                retry: false,
-                request_timeout: secs(3),
+                ..Run::new(
+                    "slow-writes",
+                    args(&["--write-delay", "60ms"]),
+                    20,
+                    Fault::SlowWrites,
+                    "every write 60 ms slower (--write-delay, SIGUSR1)".into(),
+                )
             }],
         },
         Scenario {
@@ -229,18 +207,17 @@ pub(crate) fn catalogue() -> Vec<Scenario> {
             runs: [("direct", false), ("nginx", true)]
                 .into_iter()
                 .map(|(label, via_nginx)| Run {
-                    label,
-                    serve_args: args(&["--socket-timeout", "2s"]),
-                    base_latency_ms: 40,
-                    fault: Fault::SlowClients { n: 64 },
-                    fault_text: format!(
-                        "64 clients sending a byte every 200 ms{}",
-                        if via_nginx { ", through nginx" } else { "" }
-                    ),
-                    clients: 8,
                     via_nginx,
-                    retry: false,
-                    request_timeout: secs(3),
+                    ..Run::new(
+                        label,
+                        args(&["--socket-timeout", "2s"]),
+                        40,
+                        Fault::SlowClients { n: 64 },
+                        format!(
+                            "64 clients sending a byte every 200 ms{}",
+                            if via_nginx { ", through nginx" } else { "" }
+                        ),
+                    )
                 })
                 .collect(),
         },

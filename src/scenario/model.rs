@@ -26,6 +26,30 @@ pub enum Fault {
     SlowWrites,
 }
 
+impl Run {
+    /// A run of 8 closed-loop clients that do not retry, straight to the server, with a 3 s
+    /// request budget: what most scenarios use.
+    pub fn new(
+        label: &'static str,
+        serve_args: Vec<String>,
+        base_latency_ms: u64,
+        fault: Fault,
+        fault_text: String,
+    ) -> Run {
+        Run {
+            label,
+            serve_args,
+            base_latency_ms,
+            fault,
+            fault_text,
+            clients: 8,
+            via_nginx: false,
+            retry: false,
+            request_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
 /// What one client saw of one request. Times are seconds since the load started.
 #[derive(Clone, Debug)]
 pub struct Answer {
