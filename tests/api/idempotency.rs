@@ -184,10 +184,9 @@ fn kill_9_during_twenty_provider_calls_loses_nothing_and_charges_nothing_twice()
         h.join().unwrap();
     }
 
-    let serve = Serve::start_in(
-        dir,
-        &["--provider-url", &provider.url, "--rate-limit", "10000/s"],
-    );
+    // Restarted as it ran: on the defaults (a 1 s provider timeout, 500 ms slow calls) the
+    // retries' one-second calls would time out and open the breaker.
+    let serve = Serve::start_in(dir, &args);
     for i in 0..20 {
         let key = format!("crash-{i}");
         let r = eventually(Duration::from_secs(15), "the retry is answered 201", || {
