@@ -31,9 +31,9 @@ pub struct AsyncProvider {
 }
 
 impl AsyncProvider {
-    /// Keeps as many idle connections as there are `--workers` (the calls in flight at most),
-    /// like the sync client; connecting may take half the provider timeout; redirects are never
-    /// followed (the Idempotency-Key and the card go to the configured provider only).
+    /// One connection per call (none kept idle, see below); connecting may take half the
+    /// provider timeout; redirects are never followed (the Idempotency-Key and the card go to
+    /// the configured provider only).
     pub fn new(base_url: &str, app: &App) -> Result<AsyncProvider, String> {
         let config = &app.config;
         if !base_url.starts_with("http://") {
@@ -47,9 +47,11 @@ impl AsyncProvider {
         ));
         connector.set_nodelay(true);
         // No idle connections kept, like the sync server's calls to the simulated provider
-        // (which answers `Connection: close`): a burst of new keep-alive connections to its
-        // tiny_http left some waiting behind the others (seen: 3 s provider timeouts against a
-        // 1 s provider in the shutdown tests; none with no idle pool).
+        // (which answers `Connection: close`), and each request says so: a burst of new
+        // keep-alive connections to its tiny_http left some waiting behind the others (seen:
+        // 3 s provider timeouts against a 1 s provider in the shutdown tests). tiny_http holds
+        // a thread per connection until it knows no further request follows; told `close`, it
+        // lets the thread go as soon as the request is read.
         let http = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(0)
             .build(connector);
@@ -89,6 +91,7 @@ impl AsyncProvider {
             .header("Idempotency-Key", request.idempotency_key)
             .header("Content-Type", "application/json")
             .header("User-Agent", "paytrace")
+            .header("Connection", "close")
             .body(Full::new(Bytes::from(body.to_string())));
         let built = match built {
             Ok(b) => b,
