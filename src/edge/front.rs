@@ -392,19 +392,27 @@ pub const CONNECTIONS_SHED: &str = "connections";
 /// the same from both servers.
 pub fn connections_refusal(max_connections: usize) -> (String, Reply) {
     let request_id = crate::ids::request_id();
-    let reply = ApiError::Overloaded {
+    let error = ApiError::Overloaded {
         detail: format!(
             "{max_connections} connections are open, the most this server serves at once (--max-connections); retry shortly"
         ),
         retry_after_s: 1,
-    }
-    .into_reply(&request_id)
-    .header("X-Request-Id", request_id.clone())
-    .header(
-        "Server-Timing",
-        server_timing::format(&[Entry::new("total", Duration::ZERO)]),
-    );
+    };
+    let reply = refusal_reply(error, &request_id, Duration::ZERO);
     (request_id, reply)
+}
+
+/// The answer to a request refused before any route saw it (a limit, a stalled head): its
+/// problem, its request id, and how long it took as `Server-Timing: total`. The same from both
+/// servers.
+pub fn refusal_reply(error: ApiError, request_id: &str, total: Duration) -> Reply {
+    error
+        .into_reply(request_id)
+        .header("X-Request-Id", request_id.to_string())
+        .header(
+            "Server-Timing",
+            server_timing::format(&[Entry::new("total", total)]),
+        )
 }
 
 /// One connection over `--max-connections`: a short 503 written without blocking, then closed.
@@ -516,13 +524,7 @@ fn refuse(shared: &Shared, conn: &mut Conn, refusal: Refusal, started: Instant) 
     } = refusal;
     let request_id = request_id.unwrap_or_else(crate::ids::request_id);
     let total = started.elapsed();
-    let reply = (*error)
-        .into_reply(&request_id)
-        .header("X-Request-Id", request_id.clone())
-        .header(
-            "Server-Timing",
-            server_timing::format(&[Entry::new("total", total)]),
-        );
+    let reply = refusal_reply(*error, &request_id, total);
     let _ = conn
         .stream
         .write_all(&http::encode(&reply, method == "HEAD"));

@@ -195,3 +195,45 @@ fn a_refused_head_request_gets_headers_only() {
     assert!(text.starts_with("HTTP/1.1 400"), "{text}");
     assert!(text.ends_with("\r\n\r\n"), "no body after the head: {text}");
 }
+
+/// `--socket-timeout` is the whole head's deadline: a client that stops half-way through it is
+/// answered 408 and closed; one that never sent a byte is closed without an answer.
+#[test]
+fn a_head_that_stops_half_way_gets_a_408_at_the_socket_timeout_and_silence_gets_nothing() {
+    let serve = Serve::start(&["--socket-timeout", "500ms"]);
+    let mut half = TcpStream::connect(serve.proc.addr).unwrap();
+    let mut silent = TcpStream::connect(serve.proc.addr).unwrap();
+    let t = Instant::now();
+    half.write_all(b"GET /heal").unwrap();
+    for s in [&half, &silent] {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    }
+    let (status, text) = read_response(&mut half);
+    let waited = t.elapsed();
+    assert_eq!(status, 408, "{text}");
+    assert!(text.contains("request-timeout"), "{text}");
+    assert!(
+        waited >= Duration::from_millis(300) && waited < Duration::from_secs(4),
+        "answered after {waited:?}"
+    );
+    let mut rest = Vec::new();
+    let closed = match std::io::Read::read_to_end(&mut half, &mut rest) {
+        Ok(_) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    };
+    assert!(
+        closed && rest.is_empty(),
+        "not closed after the 408: {rest:?}"
+    );
+    let mut heard = Vec::new();
+    let closed = match std::io::Read::read_to_end(&mut silent, &mut heard) {
+        Ok(_) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    };
+    assert!(
+        closed,
+        "the silent connection is still open after {:?}",
+        t.elapsed()
+    );
+    assert!(heard.is_empty(), "{}", String::from_utf8_lossy(&heard));
+}

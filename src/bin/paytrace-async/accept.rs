@@ -6,7 +6,9 @@
 //! serves every connection it accepted, and answers a further request on a kept-alive one with
 //! 503 `shutting-down`; so here each connection, after the close, gets one more second to start
 //! a request unless one is already in flight, and only then is told to shut down gracefully
-//! (hyper finishes the request in flight, then closes).
+//! (hyper finishes the request in flight, then closes). A client still half-way through a
+//! request head then — or at `--socket-timeout`, when hyper stops waiting for it — gets the
+//! sync front's 408 from the socket hyper hands back.
 //!
 //! When every `--max-connections` slot is taken, the kept-alive connection that has waited
 //! longest for its client's next request is closed to make room, as the sync front does: an idle
@@ -25,6 +27,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use paytrace::app::App;
 use paytrace::edge::{front, http, observe};
+use paytrace::error::ApiError;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -101,7 +105,6 @@ pub async fn run(
     open: Arc<AtomicUsize>,
 ) {
     let max = app.config.max_connections as usize;
-    let socket_timeout = app.config.socket_timeout;
     let registry = Arc::new(Open::default());
     loop {
         let stream = tokio::select! {
@@ -128,14 +131,15 @@ pub async fn run(
         let id = registry.next.fetch_add(1, Ordering::SeqCst);
         let state = Arc::new(Connection::default());
         registry.lock().insert(id, state.clone());
-        let (router, close, open, registry) = (
+        let (app, router, close, open, registry) = (
+            app.clone(),
             router.clone(),
             close.clone(),
             open.clone(),
             registry.clone(),
         );
         connections.spawn(async move {
-            serve(stream, router, close, socket_timeout, state).await;
+            serve(stream, router, close, app, state).await;
             registry.lock().remove(&id);
             open.fetch_sub(1, Ordering::SeqCst);
         });
@@ -163,9 +167,11 @@ async fn serve(
     stream: tokio::net::TcpStream,
     router: Router,
     close: CancellationToken,
-    socket_timeout: Duration,
+    app: Arc<App>,
     state: Arc<Connection>,
 ) {
+    let accepted = Instant::now();
+    let socket_timeout = app.config.socket_timeout;
     let service = {
         let (inner, state) = (TowerToHyperService::new(router), state.clone());
         hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
@@ -183,41 +189,87 @@ async fn serve(
     };
     // Header names as the sync server writes them (`Content-Type`, not `content-type`): the
     // same bytes for clients that compare them as text.
-    let connection = http1::Builder::new()
+    let mut connection = http1::Builder::new()
         .title_case_headers(true)
-        // A client that stalls inside a request head is cut off (hyper closes the connection;
-        // the sync front answers 408 first).
+        // A client that stalls inside a request head is cut off: hyper ends the connection,
+        // and below it gets the sync front's 408 if its head had begun.
         .timer(TokioTimer::new())
         .header_read_timeout(socket_timeout)
         .serve_connection(TokioIo::new(stream), service);
-    tokio::pin!(connection);
-    tokio::select! {
-        served = connection.as_mut() => return log_end(served),
+    // Polled by reference, not pinned in place (the connection is `Unpin`), so that once hyper
+    // or the drain is done with it, it can be taken apart for its socket and unparsed bytes.
+    let ended = tokio::select! {
+        served = &mut connection => Some(served),
         _ = state.evict.cancelled() => {
             // Between requests: hyper closes it at once (a request that just started is
             // finished first).
-            connection.as_mut().graceful_shutdown();
-            return log_end(connection.await);
+            Pin::new(&mut connection).graceful_shutdown();
+            Some((&mut connection).await)
         }
-        _ = close.cancelled() => {}
-    }
-    let seen = state.started.load(Ordering::SeqCst);
-    let until = Instant::now() + GRACE;
-    while state.active.load(Ordering::SeqCst) == 0
-        && state.started.load(Ordering::SeqCst) == seen
-        && Instant::now() < until
-    {
-        tokio::select! {
-            served = connection.as_mut() => return log_end(served),
-            _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+        _ = close.cancelled() => {
+            // The listener closed: one more second to start a request, unless one is in
+            // flight. Then a request started is finished (its answer written) and the
+            // connection closed; one where none started is taken back here (`None`): its last
+            // answer, if any, was ready over a second ago, and a client that has not read it by
+            // now is cut off like one that stopped sending.
+            let seen = state.started.load(Ordering::SeqCst);
+            let until = Instant::now() + GRACE;
+            let mut served = None;
+            while served.is_none()
+                && state.active.load(Ordering::SeqCst) == 0
+                && state.started.load(Ordering::SeqCst) == seen
+                && Instant::now() < until
+            {
+                tokio::select! {
+                    done = &mut connection => served = Some(done),
+                    _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+                }
+            }
+            match served {
+                Some(done) => Some(done),
+                None if state.active.load(Ordering::SeqCst) == 0
+                    && state.started.load(Ordering::SeqCst) == seen => None,
+                None => {
+                    Pin::new(&mut connection).graceful_shutdown();
+                    Some((&mut connection).await)
+                }
+            }
         }
+    };
+    match ended {
+        // hyper gave up waiting for a head (`--socket-timeout`), or the drain took back a
+        // connection with nothing in flight.
+        Some(Err(e)) if e.is_timeout() => {}
+        None => {}
+        Some(Err(e)) => return log::debug!("connection ended: {e}"),
+        Some(Ok(())) => return,
     }
-    connection.as_mut().graceful_shutdown();
-    log_end(connection.await);
+    let since = state
+        .idle_since
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .unwrap_or(accepted);
+    stalled(&app, connection.into_parts(), since).await;
 }
 
-fn log_end(served: Result<(), hyper::Error>) {
-    if let Err(e) = served {
-        log::debug!("connection ended: {e}");
+/// A connection hyper no longer serves: a client that had begun a request head (bytes hyper
+/// read but could not parse yet) gets the sync front's 408, counted and logged like it; one
+/// that sent nothing is closed without an answer.
+async fn stalled<S>(
+    app: &App,
+    parts: http1::Parts<TokioIo<tokio::net::TcpStream>, S>,
+    since: Instant,
+) {
+    let mut stream = parts.io.into_inner();
+    if parts.read_buf.is_empty() {
+        return;
     }
+    let request_id = paytrace::ids::request_id();
+    let total = since.elapsed();
+    let reply = front::refusal_reply(ApiError::RequestTimeout, &request_id, total);
+    let bytes = http::encode(&reply, false);
+    // The client is stalled already: the answer gets the socket timeout, no more.
+    let _ = tokio::time::timeout(app.config.socket_timeout, stream.write_all(&bytes)).await;
+    let _ = stream.shutdown().await;
+    observe::refusal(app, &request_id, "-", "", reply.status, total, None);
 }
