@@ -503,3 +503,102 @@ fn proc_status_field(pid: u32, field: &str) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with(field))?;
     line[field.len()..].split_whitespace().next()?.parse().ok()
 }
+
+/// One request of a randomized run: the key, the amount sent, the answer.
+pub type Sent = (String, u32, Resp);
+
+/// `threads` clients sending `per_thread` payments each, every one to a server of `urls` drawn
+/// at random: mostly with fresh keys, one in ten with a key the client used before (three in
+/// ten of those with a changed amount: a 422). Seeded (`seed + thread`). Returns the amount
+/// each key was first sent with, and every request.
+pub fn random_payments(
+    urls: &[String],
+    threads: u64,
+    per_thread: usize,
+    seed: u64,
+) -> (std::collections::BTreeMap<String, u32>, Vec<Sent>) {
+    use rand::{Rng, SeedableRng};
+    let mut first_amount = std::collections::BTreeMap::new();
+    let mut all = Vec::new();
+    thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                s.spawn(move || {
+                    let mut rng = rand::rngs::StdRng::seed_from_u64(seed + t);
+                    let mut used: Vec<(String, u32)> = Vec::new();
+                    let mut seen = Vec::new();
+                    for i in 0..per_thread {
+                        let (key, amount) = if !used.is_empty() && rng.random_bool(0.1) {
+                            let (k, a) = used[rng.random_range(0..used.len())].clone();
+                            let a = if rng.random_bool(0.3) { a + 1 } else { a };
+                            (k, a)
+                        } else {
+                            let k = format!("r-{t}-{i}");
+                            let a = rng.random_range(1..10_000);
+                            used.push((k.clone(), a));
+                            (k, a)
+                        };
+                        let url = match urls.len() {
+                            1 => &urls[0],
+                            n => &urls[rng.random_range(0..n)],
+                        };
+                        let r = pay(url, &key, &body(amount));
+                        seen.push((key, amount, r));
+                    }
+                    (used, seen)
+                })
+            })
+            .collect();
+        for h in handles {
+            let (used, seen) = h.join().unwrap();
+            first_amount.extend(used);
+            all.extend(seen);
+        }
+    });
+    (first_amount, all)
+}
+
+/// The answers of [`random_payments`] as a client sees them: never a 500; a 422 only for a
+/// changed amount; every answer naming a payment names the same one for its key. Returns the
+/// ids answered 201.
+pub fn check_random_answers(
+    first_amount: &std::collections::BTreeMap<String, u32>,
+    all: &[Sent],
+) -> Vec<String> {
+    let mut key_ids = std::collections::BTreeMap::new();
+    let mut created = Vec::new();
+    for (key, amount, r) in all {
+        assert_ne!(r.status, 500, "{key}: {}", r.body);
+        if r.status == 422 {
+            assert_ne!(
+                *amount, first_amount[key],
+                "{key}: 422 for an unchanged body"
+            );
+            continue;
+        }
+        let id = r.body["id"].as_str().or(r.body["payment"]["id"].as_str());
+        if let Some(id) = id {
+            let previous = key_ids.entry(key.clone()).or_insert_with(|| id.to_string());
+            assert_eq!(previous, id, "{key} maps to two payments");
+        }
+        if r.status == 201 {
+            created.push(id.unwrap().to_string());
+        }
+    }
+    created
+}
+
+/// Every payment answered 201 is stored as `succeeded` in `rows` (id, status); returns how many
+/// rows are `succeeded`.
+pub fn assert_created_are_stored(rows: &[(String, String)], created: &[String]) -> usize {
+    let status: std::collections::BTreeMap<&str, &str> =
+        rows.iter().map(|(i, s)| (i.as_str(), s.as_str())).collect();
+    for id in created {
+        assert_eq!(
+            status.get(id.as_str()),
+            Some(&"succeeded"),
+            "201 {id} is stored"
+        );
+    }
+    rows.iter().filter(|(_, s)| s == "succeeded").count()
+}

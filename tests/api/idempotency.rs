@@ -1,10 +1,7 @@
 //! Idempotency under retries, races, ambiguous provider answers and kill -9.
 
-use std::collections::HashMap;
 use std::thread;
 use std::time::Duration;
-
-use rand::{Rng, SeedableRng};
 
 use crate::helpers::*;
 
@@ -242,63 +239,9 @@ fn a_thousand_random_requests_with_reuse_and_faults_keep_the_invariants() {
         "--breaker-failure-rate",
         "100%",
     ]);
-    let url = serve.url().to_string();
-    let threads = 8;
-    let per_thread = 125;
-    let handles: Vec<_> = (0..threads)
-        .map(|t| {
-            let url = url.clone();
-            thread::spawn(move || {
-                let mut rng = rand::rngs::StdRng::seed_from_u64(1000 + t);
-                let mut used: Vec<(String, u32)> = Vec::new();
-                let mut seen = Vec::new();
-                for i in 0..per_thread {
-                    let (key, amount) = if !used.is_empty() && rng.random_bool(0.1) {
-                        let (k, a) = used[rng.random_range(0..used.len())].clone();
-                        // Some reuses change the body: those must be 422.
-                        let a = if rng.random_bool(0.3) { a + 1 } else { a };
-                        (k, a)
-                    } else {
-                        let k = format!("r-{t}-{i}");
-                        let a = rng.random_range(1..10_000);
-                        used.push((k.clone(), a));
-                        (k, a)
-                    };
-                    let r = pay(&url, &key, &body(amount));
-                    seen.push((key, amount, r));
-                }
-                (used, seen)
-            })
-        })
-        .collect();
-    let mut first_amount: HashMap<String, u32> = HashMap::new();
-    let mut key_ids: HashMap<String, String> = HashMap::new();
-    let mut created = Vec::new();
-    let mut all = Vec::new();
-    for h in handles {
-        let (used, seen) = h.join().unwrap();
-        first_amount.extend(used);
-        all.extend(seen);
-    }
+    let (first_amount, all) = random_payments(&[serve.url().to_string()], 8, 125, 1000);
     assert_eq!(all.len(), 1000);
-    for (key, amount, r) in &all {
-        assert_ne!(r.status, 500, "{key}: {}", r.body);
-        if r.status == 422 {
-            assert_ne!(
-                *amount, first_amount[key],
-                "{key}: 422 for an unchanged body"
-            );
-            continue;
-        }
-        let id = r.body["id"].as_str().or(r.body["payment"]["id"].as_str());
-        if let Some(id) = id {
-            let previous = key_ids.entry(key.clone()).or_insert_with(|| id.to_string());
-            assert_eq!(previous, id, "{key} maps to two payments");
-        }
-        if r.status == 201 {
-            created.push(id.unwrap().to_string());
-        }
-    }
+    let created = check_random_answers(&first_amount, &all);
     // Let the reconciler settle what the faults left pending.
     let rows = eventually(
         Duration::from_secs(20),
@@ -310,15 +253,7 @@ fn a_thousand_random_requests_with_reuse_and_faults_keep_the_invariants() {
                 .then_some(rows)
         },
     );
-    let status: HashMap<&str, &str> = rows.iter().map(|(i, s)| (i.as_str(), s.as_str())).collect();
-    for id in &created {
-        assert_eq!(
-            status.get(id.as_str()),
-            Some(&"succeeded"),
-            "201 {id} is in the database"
-        );
-    }
-    let succeeded = rows.iter().filter(|(_, s)| s == "succeeded").count() as u64;
+    let succeeded = assert_created_are_stored(&rows, &created) as u64;
     let stats = provider_stats(&provider.url);
     assert_eq!(
         stats["charges"].as_u64(),

@@ -598,7 +598,6 @@ fn rows(db: &str) -> Vec<(String, String)> {
 /// instances on one database: a key and its retries land on different instances.
 #[test]
 fn six_hundred_random_requests_across_three_instances_with_faults_keep_the_invariants() {
-    use rand::{Rng, SeedableRng};
     let _x = exclusive();
     let db = fresh_db();
     let provider = provider(&[
@@ -625,63 +624,9 @@ fn six_hundred_random_requests_across_three_instances_with_faults_keep_the_invar
         .map(|_| instance(&db, &provider.url, &args))
         .collect();
     let urls: Vec<String> = servers.iter().map(|s| s.url.clone()).collect();
-    let (threads, per_thread) = (6u64, 100usize);
-    let results: Vec<_> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads)
-            .map(|t| {
-                let urls = &urls;
-                s.spawn(move || {
-                    let mut rng = rand::rngs::StdRng::seed_from_u64(1600 + t);
-                    let mut used: Vec<(String, u32)> = Vec::new();
-                    let mut seen = Vec::new();
-                    for i in 0..per_thread {
-                        let (key, amount) = if !used.is_empty() && rng.random_bool(0.1) {
-                            let (k, a) = used[rng.random_range(0..used.len())].clone();
-                            let a = if rng.random_bool(0.3) { a + 1 } else { a };
-                            (k, a)
-                        } else {
-                            let k = format!("r-{t}-{i}");
-                            let a = rng.random_range(1..10_000);
-                            used.push((k.clone(), a));
-                            (k, a)
-                        };
-                        let url = &urls[rng.random_range(0..urls.len())];
-                        let r = pay(url, &key, &body(amount));
-                        seen.push((key, amount, r));
-                    }
-                    (used, seen)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    let mut first_amount: BTreeMap<String, u32> = BTreeMap::new();
-    let mut key_ids: BTreeMap<String, String> = BTreeMap::new();
-    let mut created = Vec::new();
-    let mut all = Vec::new();
-    for (used, seen) in results {
-        first_amount.extend(used);
-        all.extend(seen);
-    }
-    assert_eq!(all.len(), threads as usize * per_thread);
-    for (key, amount, r) in &all {
-        assert_ne!(r.status, 500, "{key}: {}", r.body);
-        if r.status == 422 {
-            assert_ne!(
-                *amount, first_amount[key],
-                "{key}: 422 for an unchanged body"
-            );
-            continue;
-        }
-        let id = r.body["id"].as_str().or(r.body["payment"]["id"].as_str());
-        if let Some(id) = id {
-            let previous = key_ids.entry(key.clone()).or_insert_with(|| id.to_string());
-            assert_eq!(previous, id, "{key} maps to two payments");
-        }
-        if r.status == 201 {
-            created.push(id.unwrap().to_string());
-        }
-    }
+    let (first_amount, all) = random_payments(&urls, 6, 100, 1600);
+    assert_eq!(all.len(), 600);
+    let created = check_random_answers(&first_amount, &all);
     let rows = eventually(
         Duration::from_secs(30),
         "no payment is left unsettled",
@@ -693,15 +638,7 @@ fn six_hundred_random_requests_across_three_instances_with_faults_keep_the_invar
         },
     );
     assert_eq!(rows.len(), first_amount.len(), "one payment per key");
-    let status: BTreeMap<&str, &str> = rows.iter().map(|(i, s)| (i.as_str(), s.as_str())).collect();
-    for id in &created {
-        assert_eq!(
-            status.get(id.as_str()),
-            Some(&"succeeded"),
-            "201 {id} is stored"
-        );
-    }
-    let succeeded = rows.iter().filter(|(_, s)| s == "succeeded").count() as i64;
+    let succeeded = assert_created_are_stored(&rows, &created) as i64;
     assert_eq!(
         charges(&provider),
         succeeded,
