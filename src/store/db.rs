@@ -500,16 +500,14 @@ mod tests {
         Arc::new(|_| {})
     }
 
+    /// A database at `path` with `--sync normal`, `pool` connections and the write timeout.
+    fn open_normal(path: &Path, pool: u32, write_timeout: Duration) -> Db {
+        Db::open(path, pool, SyncMode::Normal, write_timeout, no_observer()).unwrap()
+    }
+
     fn temp_db() -> (tempfile::TempDir, Db) {
         let dir = tempfile::tempdir().unwrap();
-        let db = Db::open(
-            &dir.path().join("sub/t.db"),
-            2,
-            SyncMode::Normal,
-            Duration::from_millis(100),
-            no_observer(),
-        )
-        .unwrap();
+        let db = open_normal(&dir.path().join("sub/t.db"), 2, Duration::from_millis(100));
         (dir, db)
     }
 
@@ -582,14 +580,34 @@ mod tests {
 
     /// Writes a row to `meta` from another thread (5 s for each timeout), as a request would.
     fn write_in_background(db: &Db, key: &str) -> std::thread::JoinHandle<Written<usize>> {
-        let (db, key) = (db.clone(), key.to_string());
-        std::thread::spawn(move || {
+        let key = key.to_string();
+        in_background(db, move |db| {
             db.write(
                 Duration::from_secs(5),
                 Duration::from_secs(5),
                 meta_insert(key),
             )
         })
+    }
+
+    /// Runs `f` on the database from another thread, as a request would.
+    fn in_background<T: Send + 'static>(
+        db: &Db,
+        f: impl FnOnce(&Db) -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let db = db.clone();
+        std::thread::spawn(move || f(&db))
+    }
+
+    /// The keys of `meta` that `query` (selecting `key`) returns, in its order.
+    fn meta_keys(db: &Db, query: &str) -> Vec<String> {
+        let c = db.acquire(Duration::from_secs(1)).unwrap();
+        c.prepare(query)
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
     }
 
     fn meta_insert(key: String) -> impl FnOnce(&Transaction) -> rusqlite::Result<usize> {
@@ -613,14 +631,7 @@ mod tests {
     ) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("w.db");
-        let db = Db::open(
-            &path,
-            2,
-            SyncMode::Normal,
-            Duration::from_secs(5),
-            no_observer(),
-        )
-        .unwrap();
+        let db = open_normal(&path, 2, Duration::from_secs(5));
         let lock = hold_write_lock(&path);
         let first = write_in_background(&db, first);
         eventually_queue_empty(&db);
@@ -656,14 +667,7 @@ mod tests {
             .unwrap(),
             1
         );
-        let c = db.acquire(Duration::from_secs(1)).unwrap();
-        let keys: Vec<String> = c
-            .prepare("SELECT key FROM meta WHERE value = 'v' ORDER BY key")
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .map(Result::unwrap)
-            .collect();
+        let keys = meta_keys(&db, "SELECT key FROM meta WHERE value = 'v' ORDER BY key");
         assert_eq!(keys, ["first", "third"]);
     }
 
@@ -672,29 +676,22 @@ mod tests {
         let (_dir, db, lock, blocker) = stuck_writer("blocker");
         let new = write_in_background(&db, "new");
         eventually_queued(&db, 1);
-        let recorded = {
-            let db = db.clone();
-            std::thread::spawn(move || {
-                db.write_first(
-                    Duration::from_secs(5),
-                    Duration::from_secs(5),
-                    meta_insert("recorded".into()),
-                )
-            })
-        };
+        let recorded = in_background(&db, |db| {
+            db.write_first(
+                Duration::from_secs(5),
+                Duration::from_secs(5),
+                meta_insert("recorded".into()),
+            )
+        });
         eventually_queued(&db, 2);
         drop(lock);
         for w in [blocker, new, recorded] {
             assert_eq!(w.join().unwrap().result.unwrap(), 1);
         }
-        let c = db.acquire(Duration::from_secs(1)).unwrap();
-        let order: Vec<String> = c
-            .prepare("SELECT key FROM meta WHERE key IN ('new', 'recorded') ORDER BY rowid")
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .map(Result::unwrap)
-            .collect();
+        let order = meta_keys(
+            &db,
+            "SELECT key FROM meta WHERE key IN ('new', 'recorded') ORDER BY rowid",
+        );
         assert_eq!(order, ["recorded", "new"], "queued later, written first");
     }
 
@@ -704,16 +701,13 @@ mod tests {
         // A write whose caller waits 3.5 s in all, then a patient one (10 s): the writer takes
         // both into its next batch, the impatient one first.
         let t = std::time::Instant::now();
-        let impatient = {
-            let db = db.clone();
-            std::thread::spawn(move || {
-                db.write(
-                    Duration::from_secs(3),
-                    Duration::from_millis(500),
-                    meta_insert("impatient".into()),
-                )
-            })
-        };
+        let impatient = in_background(&db, |db| {
+            db.write(
+                Duration::from_secs(3),
+                Duration::from_millis(500),
+                meta_insert("impatient".into()),
+            )
+        });
         eventually_queued(&db, 1);
         let patient = write_in_background(&db, "patient");
         eventually_queued(&db, 2);
@@ -868,14 +862,7 @@ mod tests {
         // One pooled connection, so the page limit set on it applies to every write here.
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("batch-full.db");
-        let db = Db::open(
-            &path,
-            1,
-            SyncMode::Normal,
-            Duration::from_secs(5),
-            no_observer(),
-        )
-        .unwrap();
+        let db = open_normal(&path, 1, Duration::from_secs(5));
         {
             let c = db.acquire(Duration::from_secs(1)).unwrap();
             let pages: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0)).unwrap();
@@ -888,8 +875,7 @@ mod tests {
         // Five small writes and one too large for the file queue behind it: one batch.
         let writes: Vec<_> = (0..6)
             .map(|i| {
-                let db = db.clone();
-                std::thread::spawn(move || {
+                in_background(&db, move |db| {
                     db.write(Duration::from_secs(5), Duration::from_secs(5), move |tx| {
                         let value = if i == 3 {
                             "x".repeat(256 * 1024)
@@ -933,14 +919,7 @@ mod tests {
     fn a_full_database_is_unavailable_once_per_incident_until_a_write_succeeds() {
         // One pooled connection, so the page limit set on it applies to every write here.
         let dir = tempfile::tempdir().unwrap();
-        let db = Db::open(
-            &dir.path().join("full.db"),
-            1,
-            SyncMode::Normal,
-            Duration::from_millis(100),
-            no_observer(),
-        )
-        .unwrap();
+        let db = open_normal(&dir.path().join("full.db"), 1, Duration::from_millis(100));
         let limit = |pages: &str| {
             let c = db.acquire(Duration::from_secs(1)).unwrap();
             c.pragma_update(None, "max_page_count", pages).unwrap();
