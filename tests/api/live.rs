@@ -79,6 +79,10 @@ fn the_state_has_every_units_numbers_and_the_last_requests_with_their_steps() {
     assert_eq!(u["accept"]["body_too_large_total"], 0);
     assert_eq!(u["middleware"]["unauthorized_total"], 1);
     assert_eq!(u["middleware"]["rate_limited_total"], 0);
+    // Unit 03 says what it counts: the sync server's worker threads and queue slots, or — by
+    // design another mechanism behind the same flags — the twin's semaphore permits.
+    let kind = if on_twin() { "permits" } else { "threads" };
+    assert_eq!(u["workers"]["kind"], kind, "{s}");
     assert_eq!(u["workers"]["workers"], 32);
     assert_eq!(u["workers"]["queue"], 64);
     assert_eq!(u["workers"]["busy"], 0);
@@ -390,6 +394,12 @@ fn in_a_real_browser_the_page_opens_the_breaker_from_its_controls() {
     );
     assert!(ok, "the page never drew a state: {refreshed}");
     assert_eq!(refreshed, json!("0 / 32"));
+    // The twin has no worker threads: the page says it counts permits.
+    let busy_is = if on_twin() { "permits held" } else { "busy" };
+    assert_eq!(
+        browser.eval("document.querySelector('[data-k=\"workers.busy_is\"]').textContent"),
+        json!(busy_is)
+    );
     let units = browser.eval(
         "Array.from(document.querySelectorAll('#pipeline .unit')).map(u => u.id + ' ' + u.querySelector('h2 b').textContent)",
     );
