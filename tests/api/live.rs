@@ -253,6 +253,12 @@ fn the_controls_need_the_api_key_and_change_the_simulated_provider() {
     assert_eq!(r.body["code"], "invalid-request");
     let r = control(url, "PUT", path, Some(KEY), r#"{"fail": 1}"#);
     assert_eq!(r.status, 400, "unknown fields are refused: {}", r.body);
+    // The key before the body: over 4 KiB is 401 without a key, 413 with one.
+    let big = format!(r#"{{"fail_rate": 1{}}}"#, " ".repeat(5000));
+    assert_eq!(control(url, "PUT", path, None, &big).status, 401);
+    let r = control(url, "PUT", path, Some(KEY), &big);
+    assert_eq!(r.status, 413, "{}", r.body);
+    assert_eq!(r.body["code"], "body-too-large");
     let r = control(url, "POST", path, Some(KEY), "{}");
     assert_eq!(r.status, 405);
     assert_eq!(r.header("Allow"), Some("PUT"));

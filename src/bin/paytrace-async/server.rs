@@ -639,6 +639,29 @@ mod tests {
     }
 
     #[test]
+    fn a_control_reads_its_headers_and_at_most_4_kib_of_body_like_on_the_sync_server() {
+        let head = parts(
+            Request::put("/debug/provider-faults").header("content-type", "application/json"),
+        );
+        let at_most = vec![b' '; live::CONTROL_BODY as usize];
+        let mut fits = Control {
+            parts: &head,
+            body: at_most.clone(),
+        };
+        assert_eq!(fits.header("Content-Type"), Some("application/json"));
+        assert_eq!(fits.header("Authorization"), None);
+        assert_eq!(fits.body().unwrap(), at_most);
+        let mut over = Control {
+            parts: &head,
+            body: vec![b' '; live::CONTROL_BODY as usize + 1],
+        };
+        assert!(matches!(
+            over.body(),
+            Err(ApiError::BodyTooLarge { limit }) if limit == live::CONTROL_BODY
+        ));
+    }
+
+    #[test]
     fn keep_alive_is_what_the_client_asked_for_by_its_version() {
         use axum::http::Version;
         let ask = |version: Version, connection: Option<&str>| {
