@@ -129,19 +129,21 @@ pub const ROUTES: &[Route] = &[
         methods: Methods::Read,
         template: "/debug/state",
         label: "GET /debug/state",
-        handler: Handler::Immediate(|app, _, _| Ok(live::state(app))),
+        handler: Handler::Immediate(|app, _, _| Ok(live::state(app, &live::Serving::threads(app)))),
     },
     Route {
         methods: Methods::Put,
         template: "/debug/provider-faults",
         label: "PUT /debug/provider-faults",
-        handler: Handler::Immediate(live::set_provider_faults),
+        handler: Handler::Immediate(|app, info, request| {
+            live::set_provider_faults(app, info, request)
+        }),
     },
     Route {
         methods: Methods::Post,
         template: "/debug/burst",
         label: "POST /debug/burst",
-        handler: Handler::Immediate(live::start_burst),
+        handler: Handler::Immediate(|app, info, request| live::start_burst(app, info, request)),
     },
     Route {
         methods: Methods::Read,

@@ -79,6 +79,10 @@ fn the_state_has_every_units_numbers_and_the_last_requests_with_their_steps() {
     assert_eq!(u["accept"]["body_too_large_total"], 0);
     assert_eq!(u["middleware"]["unauthorized_total"], 1);
     assert_eq!(u["middleware"]["rate_limited_total"], 0);
+    // Unit 03 says what it counts: the sync server's worker threads and queue slots, or — by
+    // design another mechanism behind the same flags — the twin's semaphore permits.
+    let kind = if on_twin() { "permits" } else { "threads" };
+    assert_eq!(u["workers"]["kind"], kind, "{s}");
     assert_eq!(u["workers"]["workers"], 32);
     assert_eq!(u["workers"]["queue"], 64);
     assert_eq!(u["workers"]["busy"], 0);
@@ -151,13 +155,16 @@ fn the_state_has_every_units_numbers_and_the_last_requests_with_their_steps() {
 #[test]
 fn the_page_and_its_state_answer_while_every_worker_is_busy_and_the_queue_is_full() {
     let _serial = exclusive();
+    // A budget for the slowest turn: a queued payment that waits out a 3 s charge and then
+    // still meets the 3 s latency (when the reset below comes late on a loaded machine) takes
+    // about 6 s, which a 6 s budget answered 504 now and then.
     let serve = Serve::start(&[
         "--workers",
         "2",
         "--queue",
         "2",
         "--request-timeout",
-        "6s",
+        "10s",
         "--provider-timeout",
         "4s",
     ]);
@@ -228,7 +235,7 @@ fn the_page_and_its_state_answer_while_every_worker_is_busy_and_the_queue_is_ful
         healthy.body
     );
     for h in holders {
-        assert_eq!(h.join().unwrap(), 201);
+        assert_eq!(h.join().unwrap(), 201, "every held payment is charged");
     }
 }
 
@@ -249,6 +256,12 @@ fn the_controls_need_the_api_key_and_change_the_simulated_provider() {
     assert_eq!(r.body["code"], "invalid-request");
     let r = control(url, "PUT", path, Some(KEY), r#"{"fail": 1}"#);
     assert_eq!(r.status, 400, "unknown fields are refused: {}", r.body);
+    // The key before the body: over 4 KiB is 401 without a key, 413 with one.
+    let big = format!(r#"{{"fail_rate": 1{}}}"#, " ".repeat(5000));
+    assert_eq!(control(url, "PUT", path, None, &big).status, 401);
+    let r = control(url, "PUT", path, Some(KEY), &big);
+    assert_eq!(r.status, 413, "{}", r.body);
+    assert_eq!(r.body["code"], "body-too-large");
     let r = control(url, "POST", path, Some(KEY), "{}");
     assert_eq!(r.status, 405);
     assert_eq!(r.header("Allow"), Some("PUT"));
@@ -390,6 +403,12 @@ fn in_a_real_browser_the_page_opens_the_breaker_from_its_controls() {
     );
     assert!(ok, "the page never drew a state: {refreshed}");
     assert_eq!(refreshed, json!("0 / 32"));
+    // The twin has no worker threads: the page says it counts permits.
+    let busy_is = if on_twin() { "permits held" } else { "busy" };
+    assert_eq!(
+        browser.eval("document.querySelector('[data-k=\"workers.busy_is\"]').textContent"),
+        json!(busy_is)
+    );
     let units = browser.eval(
         "Array.from(document.querySelectorAll('#pipeline .unit')).map(u => u.id + ' ' + u.querySelector('h2 b').textContent)",
     );

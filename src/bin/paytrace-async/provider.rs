@@ -17,7 +17,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use paytrace::app::App;
-use paytrace::provider::breaker::State;
+use paytrace::provider::breaker::{State, Window};
 use paytrace::provider::client::{ChargeOutcome, ChargeRequest, GuardedCalls, classify_answer};
 use serde_json::json;
 
@@ -64,6 +64,11 @@ impl AsyncProvider {
 
     pub fn breaker_state(&self) -> State {
         self.calls.breaker_state()
+    }
+
+    /// The breaker's state and the calls it is judging (the live page's unit 06).
+    pub fn breaker_window(&self) -> Window {
+        self.calls.breaker_window()
     }
 
     /// `POST /v1/charges` through the breaker, as `ProviderClient::charge` does it: rejected at

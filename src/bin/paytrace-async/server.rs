@@ -5,6 +5,7 @@
 //!
 //! ```text
 //! hyper (parse) → handle ─ /healthz: answered at once, no permit
+//!                   ├─ the live page, its state and controls: answered at once, no permit
 //!                   │
 //!                   ├─ admission.try_acquire: none left → 503 overloaded (queue_full)
 //!                   └─ task (tracked, so a client that hangs up cancels nothing):
@@ -27,6 +28,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use paytrace::app::App;
 use paytrace::deadline::{Deadline, Step};
 use paytrace::edge::front::request::{MAX_HEADER_BYTES, MAX_HEADER_FIELDS, MAX_REQUEST_LINE};
+use paytrace::edge::live::{self, ControlRequest, Serving};
 use paytrace::edge::middleware::{self, ChainHeaders, RequestInfo};
 use paytrace::edge::observe::{self, Observed};
 use paytrace::edge::ratelimit::Decision;
@@ -79,11 +81,31 @@ impl Twin {
         }
     }
 
+    /// Requests holding a worker permit now.
+    fn running(&self) -> usize {
+        (self.app.config.workers as usize).saturating_sub(self.workers.available_permits())
+    }
+
+    /// What the live page shows of the twin's own: its breaker, and its semaphores' permits as
+    /// unit 03 (`kind: permits`).
+    fn serving(&self) -> Serving {
+        let c = &self.app.config;
+        Serving {
+            breaker: self.provider.breaker_window(),
+            workers: live::Workers {
+                kind: "permits",
+                workers: u64::from(c.workers),
+                busy: self.running() as i64,
+                queue: u64::from(c.queue),
+                queue_depth: self.waiting(),
+            },
+        }
+    }
+
     fn waiting(&self) -> i64 {
         let c = &self.app.config;
         let admitted = (c.workers + c.queue) as usize - self.admission.available_permits();
-        let running = c.workers as usize - self.workers.available_permits();
-        admitted.saturating_sub(running) as i64
+        admitted.saturating_sub(self.running()) as i64
     }
 }
 
@@ -134,10 +156,28 @@ pub async fn handle(State(twin): State<Arc<Twin>>, request: Request) -> Response
         // What the sync server's front refuses before any worker sees it.
         return respond(&twin, Err(refused), &info, &Report::default(), None, false);
     }
-    let is_liveness = matches!(
-        routes::find(parts.method.as_str(), parts.uri.path()),
-        Ok((r, _)) if r.template == "/healthz"
-    );
+    let found = routes::find(parts.method.as_str(), parts.uri.path()).map(|(r, _)| r.label);
+    if let Ok(label) = found
+        && is_live(label)
+    {
+        // Like liveness, never behind a permit: the page must show an overloaded server, and
+        // its controls steer one.
+        let answer = answer_live(&twin, &info, label, &parts, body).await;
+        // Entered once the state is read, as the sync answerer does: a reading does not count
+        // itself among the requests in flight.
+        let _running = app
+            .inflight
+            .enter(&info.request_id, &info.method, &info.path);
+        return respond(
+            &twin,
+            answer,
+            &info,
+            &Report::default(),
+            None,
+            wants_keep_alive,
+        );
+    }
+    let is_liveness = matches!(found, Ok("GET /healthz"));
     if is_liveness {
         // Liveness never waits for a permit: a server whose workers are all busy is
         // overloaded, not dead.
@@ -268,11 +308,8 @@ async fn route(
         }
         "GET /metrics" => return Ok(routes::render_metrics(app, twin.provider.breaker_state())),
         "GET /openapi.json" => return Ok(routes::openapi(app)),
-        // The live page and its controls are the sync server's (its dispatcher answers them
-        // without a worker); the twin has no such page yet: a plain 404, not the payment read.
-        "GET /" | "GET /debug/state" | "PUT /debug/provider-faults" | "POST /debug/burst" => {
-            return Err(ApiError::NotFound);
-        }
+        // Answered before admission (see `handle`); never reached.
+        label if is_live(label) => return Err(ApiError::NotFound),
         _ => {}
     }
     let headers = ChainHeaders {
@@ -352,6 +389,64 @@ async fn create(
         payment::finish(app, c, claimed, charged, report)
     })
     .await
+}
+
+/// The live page's routes: answered by [`answer_live`] before any permit, as the sync server's
+/// dispatcher answers them without a worker.
+fn is_live(label: &str) -> bool {
+    matches!(
+        label,
+        "GET /" | "GET /debug/state" | "PUT /debug/provider-faults" | "POST /debug/burst"
+    )
+}
+
+/// The live page, its state and its controls, from the library's `live` module. A control's
+/// body is read first, as the sync front reads every body before dispatch (refused over
+/// `--max-body`, or when it stalls past `--socket-timeout`); the control then checks the key, the
+/// media type and its own 4 KiB bound in the sync server's order.
+async fn answer_live(
+    twin: &Twin,
+    info: &RequestInfo,
+    label: &str,
+    parts: &Parts,
+    body: Body,
+) -> Result<Reply, ApiError> {
+    let app = &twin.app;
+    match label {
+        "GET /" => Ok(live::page()),
+        "GET /debug/state" => Ok(live::state(app, &twin.serving())),
+        _ => {
+            let body =
+                read_body(parts, body, app.config.max_body, app.config.socket_timeout).await?;
+            let mut request = Control { parts, body };
+            if label == "POST /debug/burst" {
+                live::start_burst(app, info, &mut request)
+            } else {
+                live::set_provider_faults(app, info, &mut request)
+            }
+        }
+    }
+}
+
+/// A control's request as hyper parsed it, its body already read.
+struct Control<'a> {
+    parts: &'a Parts,
+    body: Vec<u8>,
+}
+
+impl ControlRequest for Control<'_> {
+    fn header(&self, name: &str) -> Option<&str> {
+        header(self.parts, name)
+    }
+
+    fn body(&mut self) -> Result<Vec<u8>, ApiError> {
+        if self.body.len() as u64 > live::CONTROL_BODY {
+            return Err(ApiError::BodyTooLarge {
+                limit: live::CONTROL_BODY,
+            });
+        }
+        Ok(std::mem::take(&mut self.body))
+    }
 }
 
 /// A [`Caller`] that can move to the blocking pool.
@@ -540,6 +635,29 @@ mod tests {
         assert!(matches!(
             head_limits(&big),
             Err(ApiError::HeadersTooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn a_control_reads_its_headers_and_at_most_4_kib_of_body_like_on_the_sync_server() {
+        let head = parts(
+            Request::put("/debug/provider-faults").header("content-type", "application/json"),
+        );
+        let at_most = vec![b' '; live::CONTROL_BODY as usize];
+        let mut fits = Control {
+            parts: &head,
+            body: at_most.clone(),
+        };
+        assert_eq!(fits.header("Content-Type"), Some("application/json"));
+        assert_eq!(fits.header("Authorization"), None);
+        assert_eq!(fits.body().unwrap(), at_most);
+        let mut over = Control {
+            parts: &head,
+            body: vec![b' '; live::CONTROL_BODY as usize + 1],
+        };
+        assert!(matches!(
+            over.body(),
+            Err(ApiError::BodyTooLarge { limit }) if limit == live::CONTROL_BODY
         ));
     }
 

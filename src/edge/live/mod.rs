@@ -3,7 +3,9 @@
 //! refreshing about four times a second from `GET /debug/state` ([`state`]).
 //!
 //! Neither queues behind payments: both are answered by the dispatcher itself, like
-//! `/healthz`, never through the worker queue (see `routes.rs`). That is only sound because
+//! `/healthz`, never through the worker queue (see `routes.rs`); the async twin answers them
+//! before it takes any permit, from these same functions, with its own breaker and semaphores
+//! as [`Serving`]. That is only sound because
 //! answering them never waits: the page is a constant, and the state is read from atomics, the
 //! metrics' gauges and counters, and a few short locks (the ring of recent requests, the
 //! breaker's window, the pool's state) that are only ever held for a copy. No database query,
@@ -14,8 +16,9 @@
 //! ([`start_burst`]). They are answered on the dispatcher too — a lecture must be able to open
 //! the breaker of an overloaded server — which is sound for the same reason: the front hands
 //! tiny_http only complete requests, so reading their small body never waits for a client, and
-//! what they do is a short lock (the faults) or spawning a thread (the burst). Against a real
-//! provider they answer 404 `not-found`, saying why.
+//! what they do is a short lock (the faults) or spawning a thread (the burst). They read their
+//! request through [`ControlRequest`], which both servers implement. Against a real provider
+//! they answer 404 `not-found`, saying why.
 
 pub mod board;
 
@@ -35,6 +38,7 @@ use crate::app::App;
 use crate::deadline::Step;
 use crate::error::ApiError;
 use crate::load::{self, LoadConfig};
+use crate::provider::breaker::Window;
 use crate::reply::Reply;
 use crate::server_timing::round_ms;
 
@@ -42,7 +46,7 @@ use crate::server_timing::round_ms;
 pub const PAGE: &str = include_str!("page.html");
 
 /// The largest body a control accepts.
-const CONTROL_BODY: u64 = 4 * 1024;
+pub const CONTROL_BODY: u64 = 4 * 1024;
 /// A burst's bounds: requests per second (open loop), and seconds.
 const BURST_RATE: (f64, f64) = (1.0, 500.0);
 const BURST_SECONDS: (f64, f64) = (0.1, 10.0);
@@ -68,19 +72,56 @@ pub fn page() -> Reply {
 }
 
 /// `GET /debug/state`: [`state_json`], never cached.
-pub fn state(app: &App) -> Reply {
-    Reply::json(200, &state_json(app)).header("Cache-Control", "no-store")
+pub fn state(app: &App, serving: &Serving) -> Reply {
+    Reply::json(200, &state_json(app, serving)).header("Cache-Control", "no-store")
+}
+
+/// What the page shows that each server keeps its own way: the breaker its payments go
+/// through, and what stands for unit 03's workers and queue.
+pub struct Serving {
+    pub breaker: Window,
+    pub workers: Workers,
+}
+
+/// Unit 03, as the server has it.
+pub struct Workers {
+    /// What `workers` and `queue` count: `threads` (the sync server's worker threads and the
+    /// slots of its queue in front of them) or `permits` (the async twin's semaphores: a request
+    /// runs its steps while it holds one of `workers` permits, and waits for one while it holds
+    /// one of the `queue` admission permits beyond them).
+    pub kind: &'static str,
+    pub workers: u64,
+    pub busy: i64,
+    pub queue: u64,
+    pub queue_depth: i64,
+}
+
+impl Serving {
+    /// The sync server: its client's breaker, its worker threads and bounded queue (the gauges
+    /// the pool keeps).
+    pub fn threads(app: &App) -> Serving {
+        Serving {
+            breaker: app.provider.breaker_window(),
+            workers: Workers {
+                kind: "threads",
+                workers: u64::from(app.config.workers),
+                busy: app.metrics.workers_busy.get(),
+                queue: u64::from(app.config.queue),
+                queue_depth: app.metrics.queue_depth.get(),
+            },
+        }
+    }
 }
 
 /// Everything the page draws, read now (the README documents each field). Counters are totals
 /// since start; the page turns two readings into rates with `at_ms`.
-pub fn state_json(app: &App) -> Value {
+pub fn state_json(app: &App, serving: &Serving) -> Value {
     let m = &app.metrics;
     let board = &app.board;
     let counts = &board.counts;
     let count = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
     let (open, idle) = app.db.state();
-    let window = app.provider.breaker_window();
+    let window = &serving.breaker;
     let outcomes: serde_json::Map<String, Value> = crate::metrics::PROVIDER_OUTCOMES
         .iter()
         .map(|o| {
@@ -103,12 +144,14 @@ pub fn state_json(app: &App) -> Value {
         "unauthorized_total": count(&counts.unauthorized),
         "rate_limited_total": count(&counts.rate_limited),
     });
+    let w = &serving.workers;
     let workers = json!({
         "unit": "03",
-        "workers": app.config.workers,
-        "busy": m.workers_busy.get(),
-        "queue": app.config.queue,
-        "queue_depth": m.queue_depth.get(),
+        "kind": w.kind,
+        "workers": w.workers,
+        "busy": w.busy,
+        "queue": w.queue,
+        "queue_depth": w.queue_depth,
         "shed_total": shed("queue_full"),
     });
     let pool = json!({
@@ -129,6 +172,7 @@ pub fn state_json(app: &App) -> Value {
     });
     let last_transition = window
         .last_transition
+        .as_ref()
         .map(|t| json!({"from": t.from.name(), "to": t.to.name(), "reason": t.reason}));
     let breaker = json!({
         "unit": "06",
@@ -215,14 +259,34 @@ fn problem(info: &RequestInfo, status: u16, code: &str, title: &str, detail: &st
     )
 }
 
+/// What a control reads of its request: a few headers and a small body. The sync server's
+/// tiny_http request is one; the async twin passes what hyper parsed.
+pub trait ControlRequest {
+    /// The value of header `name` (any case), if there is one.
+    fn header(&self, name: &str) -> Option<&str>;
+    /// The whole body; 413 `body-too-large` over [`CONTROL_BODY`] bytes.
+    fn body(&mut self) -> Result<Vec<u8>, ApiError>;
+}
+
+/// The sync server: the front has read the body whole, so this never waits for the client.
+impl ControlRequest for Request {
+    fn header(&self, name: &str) -> Option<&str> {
+        http::header(self, name)
+    }
+
+    fn body(&mut self) -> Result<Vec<u8>, ApiError> {
+        http::read_body(self, CONTROL_BODY)
+    }
+}
+
 /// The API key (401 without one: an anonymous client does not learn whether there are
 /// controls), then the controls, or 404 saying why there are none.
 fn controls<'a>(
     app: &'a App,
     info: &RequestInfo,
-    request: &Request,
+    request: &dyn ControlRequest,
 ) -> Result<&'a Controls, Reply> {
-    auth::authenticate(&app.keys, http::header(request, "Authorization"))
+    auth::authenticate(&app.keys, request.header("Authorization"))
         .map_err(|e| e.into_reply(&info.request_id))?;
     let Some(controls) = app.board.controls.as_ref() else {
         return Err(problem(
@@ -250,14 +314,14 @@ fn invalid(detail: impl Into<String>) -> ApiError {
 pub fn set_provider_faults(
     app: &App,
     info: &RequestInfo,
-    request: &mut Request,
+    request: &mut dyn ControlRequest,
 ) -> Result<Reply, ApiError> {
     let controls = match controls(app, info, request) {
         Ok(c) => c,
         Err(reply) => return Ok(reply),
     };
-    http::require_json(request)?;
-    let body = http::read_body(request, CONTROL_BODY)?;
+    http::require_json_type(request.header("Content-Type"))?;
+    let body = request.body()?;
     let faults = controls
         .sim
         .update_faults(&body)
@@ -283,7 +347,7 @@ struct BurstRequest {
 pub fn start_burst(
     app: &App,
     info: &RequestInfo,
-    request: &mut Request,
+    request: &mut dyn ControlRequest,
 ) -> Result<Reply, ApiError> {
     let controls = match controls(app, info, request) {
         Ok(c) => c,
@@ -298,8 +362,8 @@ pub fn start_burst(
             "a burst goes only to this server's loopback address, and it listens on another",
         ));
     };
-    http::require_json(request)?;
-    let body = http::read_body(request, CONTROL_BODY)?;
+    http::require_json_type(request.header("Content-Type"))?;
+    let body = request.body()?;
     let asked: BurstRequest =
         serde_json::from_slice(&body).map_err(|e| invalid(format!("burst: {e}")))?;
     let rate = asked.rate.unwrap_or(BURST_DEFAULT_RATE);
@@ -327,7 +391,8 @@ pub fn start_burst(
         .header("Retry-After", "1"));
     }
     // The caller's own key: the burst is theirs, under their rate limit.
-    let key = http::header(request, "Authorization")
+    let key = request
+        .header("Authorization")
         .and_then(|h| h.trim().split_once(' '))
         .map(|(_, k)| k.trim().to_string())
         .unwrap_or_default();
