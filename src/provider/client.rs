@@ -12,6 +12,7 @@
 
 use std::io::Read;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
@@ -259,6 +260,12 @@ pub struct ProviderClient {
     base: String,
     connect_timeout: Duration,
     calls: GuardedCalls,
+    /// Set once the provider has answered `Connection: close` (the simulated one always does):
+    /// from then on every call says so up front. A provider that closes anyway loses nothing,
+    /// and one with a thread per connection (tiny_http) frees that thread as soon as the
+    /// request is read instead of holding it through the whole call — with hundreds of calls
+    /// in flight, new connections queued behind held threads and calls timed out.
+    provider_closes: AtomicBool,
 }
 
 impl ProviderClient {
@@ -300,6 +307,7 @@ impl ProviderClient {
             base: base_url.trim_end_matches('/').to_string(),
             connect_timeout,
             calls: GuardedCalls::new(breaker, clock, metrics),
+            provider_closes: AtomicBool::new(false),
         }
     }
 
@@ -329,19 +337,31 @@ impl ProviderClient {
             currency,
             source,
         } = *request;
-        let sent = self
+        let mut call = self
             .agent
             .post(format!("{}/v1/charges", self.base))
             .config()
             .timeout_global(Some(timeout))
             .timeout_connect(Some(self.connect_timeout.min(timeout)))
             .build()
-            .header("Idempotency-Key", idempotency_key)
-            .send_json(json!({"amount": amount, "currency": currency, "source": source}));
+            .header("Idempotency-Key", idempotency_key);
+        if self.provider_closes.load(Ordering::Relaxed) {
+            call = call.header("Connection", "close");
+        }
+        let sent =
+            call.send_json(json!({"amount": amount, "currency": currency, "source": source}));
         let mut response = match sent {
             Ok(r) => r,
             Err(e) => return classify_error(e),
         };
+        let closes = response
+            .headers()
+            .get("Connection")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("close"));
+        if closes {
+            self.provider_closes.store(true, Ordering::Relaxed);
+        }
         let status = response.status().as_u16();
         // Read to the end even when ignored: ureq pools a connection only after its body is read.
         let mut raw = Vec::new();

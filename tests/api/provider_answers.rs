@@ -19,6 +19,8 @@ struct Seen {
     method: String,
     target: String,
     idempotency_key: Option<String>,
+    /// The request's `Connection` header, if it had one.
+    connection: Option<String>,
     body: Value,
 }
 
@@ -110,6 +112,7 @@ fn read_request(s: &mut TcpStream) -> Option<Seen> {
         method: first.next()?.to_string(),
         target: first.next()?.to_string(),
         idempotency_key: header("Idempotency-Key"),
+        connection: header("Connection"),
         body: serde_json::from_slice(&buf[end + 4..]).unwrap_or(Value::Null),
     })
 }
@@ -269,4 +272,29 @@ fn an_answer_head_over_16_kib_is_refused_as_too_large_and_one_under_it_is_read()
     assert_eq!(r.body["payment"]["status"], "pending", "{}", r.body);
     let detail = r.body["detail"].as_str().unwrap_or("");
     assert!(detail.contains("header"), "{detail}");
+}
+
+/// A provider that closes every connection after its answer (this fake does, like the
+/// simulated one) is told so up front from then on: a server with a thread per connection can
+/// let the thread go once the request is read, instead of holding it through the call.
+#[test]
+fn once_the_provider_has_closed_a_connection_each_call_says_connection_close() {
+    let fake = Fake::start(|r| {
+        let key = r.idempotency_key.clone().unwrap_or_default();
+        canned(200, charge(r, "succeeded", &key))
+    });
+    let serve = Serve::start(&["--provider-url", &fake.url]);
+    for i in 0..3 {
+        let r = pay(serve.url(), &format!("close-{i}"), &body(100));
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
+    let seen = fake.seen();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    for r in &seen[1..] {
+        assert_eq!(
+            r.connection.as_deref().map(str::to_ascii_lowercase),
+            Some("close".to_string()),
+            "{r:?}"
+        );
+    }
 }
