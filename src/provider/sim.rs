@@ -12,7 +12,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
@@ -25,6 +25,7 @@ use serde_json::json;
 use tiny_http::{Method, Request};
 
 use crate::config::ProviderConfig;
+use crate::edge::front::listen;
 use crate::edge::http;
 use crate::reply::Reply;
 
@@ -112,8 +113,7 @@ impl SimProvider {
 
 /// Binds `config.addr` and serves on background threads until the process exits.
 pub fn start(config: &ProviderConfig) -> Result<SimProvider, String> {
-    let listener =
-        TcpListener::bind(config.addr).map_err(|e| format!("cannot bind {}: {e}", config.addr))?;
+    let listener = listen(config.addr).map_err(|e| format!("cannot bind {}: {e}", config.addr))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let server = tiny_http::Server::from_listener(listener, None).map_err(|e| e.to_string())?;
     let server = Arc::new(server);
