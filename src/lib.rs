@@ -51,6 +51,7 @@ pub mod error;
 pub mod flow;
 pub mod ids;
 pub mod lifecycle;
+pub mod listener;
 pub mod load;
 pub mod metrics;
 pub mod provider;

@@ -174,7 +174,7 @@ pub fn build(mut config: ServeConfig) -> Result<Built, ServeError> {
         clock.clone(),
         metrics.clone(),
     );
-    let listener = crate::edge::front::listen(config.addr)
+    let listener = crate::listener::listen(config.addr)
         .map_err(|e| ServeError::Runtime(format!("cannot bind {}: {e}", config.addr)))?;
     let target = listener.local_addr().ok().and_then(board::burst_target);
     let controls = simulated.map(|sim| Controls {

@@ -385,29 +385,6 @@ fn is_resource_exhaustion(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(24 | 23 | 105 | 12))
 }
 
-/// Connections the kernel completes and holds for a listener before it is accepted. The
-/// standard library's `bind` asks for 128: a burst of more new connections than that (hundreds
-/// of clients starting at once, or every worker opening its provider call at once) overflowed
-/// it, and each connection past it waited for its SYN to be sent again a second later — past
-/// the provider connect timeout (half the provider timeout) for the server's own calls. The
-/// kernel caps it at `net.core.somaxconn` (4096 by default).
-pub const LISTEN_BACKLOG: i32 = 1024;
-
-/// A TCP listener on `addr` with a backlog of [`LISTEN_BACKLOG`]: what both servers and the
-/// simulated provider accept on.
-pub fn listen(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        Some(socket2::Protocol::TCP),
-    )?;
-    // As the standard library does: a restarted server may bind while old connections linger.
-    socket.set_reuse_address(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(LISTEN_BACKLOG)?;
-    Ok(socket.into())
-}
-
 /// The shed reason a connection over `--max-connections` is counted under.
 pub const CONNECTIONS_SHED: &str = "connections";
 
@@ -800,23 +777,6 @@ fn kept_alive_head(head: &[u8], head_only: bool) -> Option<(Vec<u8>, usize)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// 200 clients connect before anyone accepts (a burst): the kernel completes every one of
-    /// them, where the standard library's backlog of 128 left the rest waiting for a second
-    /// SYN a second later.
-    #[test]
-    fn a_burst_of_connections_beyond_128_is_held_for_accept() {
-        let listener = listen("127.0.0.1:0".parse().unwrap()).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mut held = Vec::new();
-        for i in 0..200 {
-            match TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
-                Ok(s) => held.push(s),
-                Err(e) => panic!("connection {i} not completed: {e}"),
-            }
-        }
-        drop(listener);
-    }
 
     fn kept(head: &str, head_only: bool) -> Option<(String, usize)> {
         kept_alive_head(head.as_bytes(), head_only).map(|(h, n)| (String::from_utf8(h).unwrap(), n))

@@ -25,8 +25,8 @@ use serde_json::json;
 use tiny_http::{Method, Request};
 
 use crate::config::ProviderConfig;
-use crate::edge::front::listen;
 use crate::edge::http;
+use crate::listener::listen;
 use crate::reply::Reply;
 
 /// How long a hung request is held before it is dropped: longer than any sane client waits.
