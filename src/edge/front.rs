@@ -58,7 +58,7 @@ use crate::trace::{self, Unit};
 
 /// Reading one request within its limits: the head, the framing, the body.
 pub mod request;
-pub use self::request::RECEIVED_HEADER;
+pub use self::request::{LINGER, LINGER_BYTES, RECEIVED_HEADER};
 
 /// How long a connection thread waits for another connection before it ends.
 const IDLE_THREAD: Duration = Duration::from_secs(2);

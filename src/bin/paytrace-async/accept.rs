@@ -15,8 +15,11 @@
 //! connection never costs a new client its turn. Only when none is idle is the new one refused.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
@@ -28,14 +31,68 @@ use hyper_util::service::TowerToHyperService;
 use paytrace::app::App;
 use paytrace::edge::{front, http, observe};
 use paytrace::error::ApiError;
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 /// How long a connection accepted before the close has to start its request.
 const GRACE: Duration = Duration::from_secs(1);
+
+/// A connection's socket as hyper sees it, telling whether hyper's last write or flush is still
+/// waiting for the client to read: an answer not yet sent, which the drain must not cut off
+/// and a 408 must never follow.
+struct Watched {
+    io: TokioIo<TcpStream>,
+    unsent: Arc<AtomicBool>,
+}
+
+impl hyper::rt::Read for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.unsent.store(polled.is_pending(), Ordering::SeqCst);
+        polled
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.unsent.store(polled.is_pending(), Ordering::SeqCst);
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let polled = Pin::new(&mut self.io).poll_flush(cx);
+        self.unsent.store(polled.is_pending(), Ordering::SeqCst);
+        polled
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
 
 /// Which request of its connection this one is (1 for the first): a request after the first,
 /// arriving once the listener closed, is refused like on the sync server.
@@ -148,7 +205,7 @@ pub async fn run(
 
 /// One connection over `--max-connections`: a short 503 written without waiting, then closed,
 /// and counted and logged like any refusal (as the sync server's front does).
-fn refuse_connection(app: &App, stream: tokio::net::TcpStream) {
+fn refuse_connection(app: &App, stream: TcpStream) {
     let (request_id, reply) = front::connections_refusal(app.config.max_connections as usize);
     let _ = stream.try_write(&http::encode(&reply, false));
     drop(stream);
@@ -164,7 +221,7 @@ fn refuse_connection(app: &App, stream: tokio::net::TcpStream) {
 }
 
 async fn serve(
-    stream: tokio::net::TcpStream,
+    stream: TcpStream,
     router: Router,
     close: CancellationToken,
     app: Arc<App>,
@@ -187,6 +244,7 @@ async fn serve(
             }
         })
     };
+    let unsent = Arc::new(AtomicBool::new(false));
     // Header names as the sync server writes them (`Content-Type`, not `content-type`): the
     // same bytes for clients that compare them as text.
     let mut connection = http1::Builder::new()
@@ -195,7 +253,13 @@ async fn serve(
         // and below it gets the sync front's 408 if its head had begun.
         .timer(TokioTimer::new())
         .header_read_timeout(socket_timeout)
-        .serve_connection(TokioIo::new(stream), service);
+        .serve_connection(
+            Watched {
+                io: TokioIo::new(stream),
+                unsent: unsent.clone(),
+            },
+            service,
+        );
     // Polled by reference, not pinned in place (the connection is `Unpin`), so that once hyper
     // or the drain is done with it, it can be taken apart for its socket and unparsed bytes.
     let ended = tokio::select! {
@@ -208,10 +272,9 @@ async fn serve(
         }
         _ = close.cancelled() => {
             // The listener closed: one more second to start a request, unless one is in
-            // flight. Then a request started is finished (its answer written) and the
-            // connection closed; one where none started is taken back here (`None`): its last
-            // answer, if any, was ready over a second ago, and a client that has not read it by
-            // now is cut off like one that stopped sending.
+            // flight. Then a request started, or an answer not yet sent, is finished (the
+            // sending within `--socket-timeout`, as the sync front writes) and the connection
+            // closed; one with neither is taken back here (`None`).
             let seen = state.started.load(Ordering::SeqCst);
             let until = Instant::now() + GRACE;
             let mut served = None;
@@ -228,18 +291,23 @@ async fn serve(
             match served {
                 Some(done) => Some(done),
                 None if state.active.load(Ordering::SeqCst) == 0
-                    && state.started.load(Ordering::SeqCst) == seen => None,
+                    && state.started.load(Ordering::SeqCst) == seen
+                    && !unsent.load(Ordering::SeqCst) => None,
                 None => {
                     Pin::new(&mut connection).graceful_shutdown();
-                    Some((&mut connection).await)
+                    match tokio::time::timeout(socket_timeout, &mut connection).await {
+                        Ok(done) => Some(done),
+                        // A client that reads nothing of its answer is cut off.
+                        Err(_) => return,
+                    }
                 }
             }
         }
     };
     match ended {
-        // hyper gave up waiting for a head (`--socket-timeout`), or the drain took back a
-        // connection with nothing in flight.
-        Some(Err(e)) if e.is_timeout() => {}
+        // hyper gave up waiting for a head (`--socket-timeout`) with its last answer sent, or
+        // the drain took back a connection with nothing in flight.
+        Some(Err(e)) if e.is_timeout() && !unsent.load(Ordering::SeqCst) => {}
         None => {}
         Some(Err(e)) => return log::debug!("connection ended: {e}"),
         Some(Ok(())) => return,
@@ -255,12 +323,8 @@ async fn serve(
 /// A connection hyper no longer serves: a client that had begun a request head (bytes hyper
 /// read but could not parse yet) gets the sync front's 408, counted and logged like it; one
 /// that sent nothing is closed without an answer.
-async fn stalled<S>(
-    app: &App,
-    parts: http1::Parts<TokioIo<tokio::net::TcpStream>, S>,
-    since: Instant,
-) {
-    let mut stream = parts.io.into_inner();
+async fn stalled<S>(app: &App, parts: http1::Parts<Watched, S>, since: Instant) {
+    let mut stream = parts.io.io.into_inner();
     if parts.read_buf.is_empty() {
         return;
     }
@@ -272,4 +336,16 @@ async fn stalled<S>(
     let _ = tokio::time::timeout(app.config.socket_timeout, stream.write_all(&bytes)).await;
     let _ = stream.shutdown().await;
     observe::refusal(app, &request_id, "-", "", reply.status, total, None);
+    // Closing with unread bytes from the client would reset the connection and could destroy
+    // the 408 before it is read: what still arrives is read and dropped for a moment first,
+    // as the sync front does.
+    let mut discard = [0u8; 4096];
+    let mut dropped = 0usize;
+    let until = Instant::now() + front::LINGER;
+    while dropped < front::LINGER_BYTES {
+        match tokio::time::timeout_at(until, stream.read(&mut discard)).await {
+            Ok(Ok(n)) if n > 0 => dropped += n,
+            _ => break,
+        }
+    }
 }

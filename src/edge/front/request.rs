@@ -24,8 +24,11 @@ pub const MAX_HEADER_FIELDS: usize = 100;
 pub const RECEIVED_HEADER: &str = "X-Paytrace-Received-Us";
 /// Longest chunk-size line (with extensions) in a chunked body.
 pub const MAX_CHUNK_LINE: usize = 1024;
-/// How long a refused client may keep sending before the socket is closed under it.
-const LINGER: Duration = Duration::from_millis(500);
+/// How long a refused client may keep sending before the socket is closed under it, and how
+/// much of what it sends is read and dropped meanwhile: closing with unread input resets the
+/// connection, which can destroy the answer before the client reads it.
+pub const LINGER: Duration = Duration::from_millis(500);
+pub const LINGER_BYTES: usize = 1 << 20;
 /// After the listener closed, how long a connection still has to send its whole request (one
 /// that has sent nothing yet is then closed without an answer; one half-way gets 408).
 const GRACE_AT_SHUTDOWN: Duration = Duration::from_secs(1);
@@ -138,7 +141,7 @@ impl Conn {
         let _ = self.stream.shutdown(Shutdown::Write);
         self.deadline = Instant::now() + LINGER;
         let mut discarded = 0usize;
-        while discarded < 1 << 20 {
+        while discarded < LINGER_BYTES {
             self.buf.clear();
             match self.fill(LINGER) {
                 Ok(Fill::More) => discarded += self.buf.len().max(1),
