@@ -31,6 +31,32 @@ fn a_body_over_the_limit_is_refused_from_its_content_length_without_reading_it()
     assert!(serve.rows().is_empty());
 }
 
+/// The declared length is the first thing judged: no key, a wrong key, no Idempotency-Key or
+/// a wrong media type do not change a 413 into a 401, 400 or 415.
+#[test]
+fn a_declared_body_over_the_limit_is_413_before_any_other_check() {
+    let serve = Serve::start(&[]);
+    let heads = [
+        "POST /payments HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n".to_string(),
+        "POST /payments HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\n".to_string(),
+        format!("POST /payments HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"),
+        format!(
+            "POST /payments HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n\
+             Idempotency-Key: g2\r\nContent-Type: text/plain\r\n"
+        ),
+    ];
+    for head in heads {
+        let mut s = TcpStream::connect(serve.proc.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(format!("{head}Content-Length: {}\r\n\r\n", 17 * 1024).as_bytes())
+            .unwrap();
+        let (status, text) = read_response(&mut s);
+        assert_eq!(status, 413, "{head}: {text}");
+        assert!(text.contains("body-too-large"), "{text}");
+    }
+    assert!(serve.rows().is_empty());
+}
+
 #[test]
 fn a_chunked_body_over_the_limit_is_refused_by_counting() {
     let serve = Serve::start(&["--max-body", "1KiB"]);

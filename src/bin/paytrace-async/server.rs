@@ -152,7 +152,7 @@ pub async fn handle(State(twin): State<Arc<Twin>>, request: Request) -> Response
             false,
         );
     }
-    if let Err(refused) = head_limits(&parts) {
+    if let Err(refused) = head_limits(&parts, app.config.max_body) {
         // What the sync server's front refuses before any worker sees it.
         return respond(&twin, Err(refused), &info, &Report::default(), None, false);
     }
@@ -581,7 +581,7 @@ fn to_response(reply: Reply) -> Response {
 /// The sync front's limits on a request head, checked on what hyper parsed: 414 for a request
 /// line over 8 KiB, 431 for a header block over 16 KiB (hyper itself answers 431 to more than
 /// 100 fields).
-fn head_limits(parts: &Parts) -> Result<(), ApiError> {
+fn head_limits(parts: &Parts, max_body: u64) -> Result<(), ApiError> {
     let line = parts.method.as_str().len() + parts.uri.to_string().len() + " HTTP/1.1".len() + 1;
     if line > MAX_REQUEST_LINE {
         return Err(ApiError::UriTooLong);
@@ -595,6 +595,16 @@ fn head_limits(parts: &Parts) -> Result<(), ApiError> {
         return Err(ApiError::HeadersTooLarge(format!(
             "the header block is over {MAX_HEADER_BYTES} bytes or {MAX_HEADER_FIELDS} fields"
         )));
+    }
+    // A declared body over `--max-body` is refused from its length, before the key, the rate
+    // limit or the route's own checks, as the sync front refuses it. (One sent chunked is
+    // counted as it is read, by the route that reads it: on the twin that is after those
+    // checks.)
+    if let Some(declared) =
+        header(parts, "Content-Length").and_then(|v| v.trim().parse::<u64>().ok())
+        && declared > max_body
+    {
+        return Err(ApiError::BodyTooLarge { limit: max_body });
     }
     Ok(())
 }
@@ -628,13 +638,20 @@ mod tests {
     #[test]
     fn the_sync_fronts_head_limits_hold_on_what_hyper_parsed() {
         let ok = parts(Request::get("/payments").header("X-A", "b"));
-        assert!(head_limits(&ok).is_ok());
+        assert!(head_limits(&ok, 16).is_ok());
         let long = parts(Request::get(format!("/{}", "a".repeat(MAX_REQUEST_LINE))));
-        assert!(matches!(head_limits(&long), Err(ApiError::UriTooLong)));
+        assert!(matches!(head_limits(&long, 16), Err(ApiError::UriTooLong)));
         let big = parts(Request::get("/healthz").header("X-Big", "b".repeat(MAX_HEADER_BYTES)));
         assert!(matches!(
-            head_limits(&big),
+            head_limits(&big, 16),
             Err(ApiError::HeadersTooLarge(_))
+        ));
+        let at_limit = parts(Request::post("/payments").header("Content-Length", "16"));
+        assert!(head_limits(&at_limit, 16).is_ok());
+        let over = parts(Request::post("/payments").header("Content-Length", "17"));
+        assert!(matches!(
+            head_limits(&over, 16),
+            Err(ApiError::BodyTooLarge { limit: 16 })
         ));
     }
 
