@@ -12,7 +12,7 @@
 
 use std::io::Read;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
@@ -254,18 +254,33 @@ impl Call<'_> {
     }
 }
 
+/// While the provider closes its connections, one call in this many still offers to keep its
+/// connection, to learn whether the provider still closes them.
+const CLOSE_PROBE: u64 = 64;
+
+/// Whether `Connection` header values (a comma-separated list each) name `close`.
+fn says_connection_close<'a>(values: impl Iterator<Item = &'a str>) -> bool {
+    values
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("close"))
+}
+
 /// The shared client: one agent (and its connection pool) behind one breaker.
 pub struct ProviderClient {
     agent: ureq::Agent,
     base: String,
     connect_timeout: Duration,
     calls: GuardedCalls,
-    /// Set once the provider has answered `Connection: close` (the simulated one always does):
-    /// from then on every call says so up front. A provider that closes anyway loses nothing,
-    /// and one with a thread per connection (tiny_http) frees that thread as soon as the
-    /// request is read instead of holding it through the whole call — with hundreds of calls
-    /// in flight, new connections queued behind held threads and calls timed out.
+    /// Whether the provider closes its connections after an answer (the simulated one always
+    /// does): while it does, calls say `Connection: close` up front. A provider that closes
+    /// anyway loses nothing, and one with a thread per connection (tiny_http) frees that thread
+    /// as soon as the request is read instead of holding it through the whole call — with
+    /// hundreds of calls in flight, new connections queued behind held threads and calls
+    /// timed out. Learned from answers to calls that did not say `close` — every
+    /// [`CLOSE_PROBE`]th call does not — so a keep-alive provider that closed one connection
+    /// (nginx does on a connection's 1,000th request) gets its pool back.
     provider_closes: AtomicBool,
+    calls_sent: AtomicU64,
 }
 
 impl ProviderClient {
@@ -308,6 +323,7 @@ impl ProviderClient {
             connect_timeout,
             calls: GuardedCalls::new(breaker, clock, metrics),
             provider_closes: AtomicBool::new(false),
+            calls_sent: AtomicU64::new(0),
         }
     }
 
@@ -345,7 +361,10 @@ impl ProviderClient {
             .timeout_connect(Some(self.connect_timeout.min(timeout)))
             .build()
             .header("Idempotency-Key", idempotency_key);
-        if self.provider_closes.load(Ordering::Relaxed) {
+        let nth = self.calls_sent.fetch_add(1, Ordering::Relaxed);
+        let says_close =
+            self.provider_closes.load(Ordering::Relaxed) && !nth.is_multiple_of(CLOSE_PROBE);
+        if says_close {
             call = call.header("Connection", "close");
         }
         let sent =
@@ -354,13 +373,10 @@ impl ProviderClient {
             Ok(r) => r,
             Err(e) => return classify_error(e),
         };
-        let closes = response
-            .headers()
-            .get("Connection")
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.trim().eq_ignore_ascii_case("close"));
-        if closes {
-            self.provider_closes.store(true, Ordering::Relaxed);
+        if !says_close {
+            let values = response.headers().get_all("Connection");
+            let closes = says_connection_close(values.iter().filter_map(|v| v.to_str().ok()));
+            self.provider_closes.store(closes, Ordering::Relaxed);
         }
         let status = response.status().as_u16();
         // Read to the end even when ignored: ureq pools a connection only after its body is read.
@@ -551,6 +567,17 @@ fn classify_error(e: ureq::Error) -> ChargeOutcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connection_close_is_found_in_any_value_and_any_case() {
+        assert!(says_connection_close(["close"].into_iter()));
+        assert!(says_connection_close(["Close"].into_iter()));
+        assert!(says_connection_close(["TE, close"].into_iter()));
+        assert!(says_connection_close(["keep-alive", " close "].into_iter()));
+        assert!(!says_connection_close(["keep-alive"].into_iter()));
+        assert!(!says_connection_close(["closed"].into_iter()));
+        assert!(!says_connection_close(std::iter::empty()));
+    }
 
     const REQ: ChargeRequest = ChargeRequest {
         idempotency_key: "pay_1",
