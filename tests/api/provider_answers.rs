@@ -69,6 +69,14 @@ impl Fake {
         Fake { url, seen }
     }
 
+    /// A provider that charges every request successfully.
+    fn succeeding() -> Fake {
+        Fake::start(|r| {
+            let key = r.idempotency_key.clone().unwrap_or_default();
+            canned(200, charge(r, "succeeded", &key))
+        })
+    }
+
     fn seen(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
     }
@@ -233,10 +241,7 @@ fn answers_that_do_not_confirm_this_charge_leave_the_payment_pending() {
 
 #[test]
 fn a_body_with_a_duplicate_field_is_400_naming_it_and_charges_nothing() {
-    let fake = Fake::start(|r| {
-        let key = r.idempotency_key.clone().unwrap_or_default();
-        canned(200, charge(r, "succeeded", &key))
-    });
+    let fake = Fake::succeeding();
     let serve = Serve::start(&["--provider-url", &fake.url]);
     let r = pay(
         serve.url(),
@@ -275,14 +280,12 @@ fn an_answer_head_over_16_kib_is_refused_as_too_large_and_one_under_it_is_read()
 }
 
 /// A provider that closes every connection after its answer (this fake does, like the
-/// simulated one) is told so up front from then on: a server with a thread per connection can
-/// let the thread go once the request is read, instead of holding it through the call.
+/// simulated one) is told so up front from then on (but for one call in 64, which asks again):
+/// a server with a thread per connection can let the thread go once the request is read,
+/// instead of holding it through the call.
 #[test]
 fn once_the_provider_has_closed_a_connection_each_call_says_connection_close() {
-    let fake = Fake::start(|r| {
-        let key = r.idempotency_key.clone().unwrap_or_default();
-        canned(200, charge(r, "succeeded", &key))
-    });
+    let fake = Fake::succeeding();
     let serve = Serve::start(&["--provider-url", &fake.url]);
     for i in 0..3 {
         let r = pay(serve.url(), &format!("close-{i}"), &body(100));
