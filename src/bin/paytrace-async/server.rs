@@ -248,8 +248,11 @@ async fn work(
     wants_keep_alive: bool,
 ) -> Response {
     let app = &twin.app;
+    // The queue's depth as the sync server's gauge tells it: set when a request joins the
+    // wait for a worker permit and again when one leaves it.
     twin.app.metrics.queue_depth.set(twin.waiting());
     let permit = twin.workers.clone().acquire_owned().await;
+    twin.app.metrics.queue_depth.set(twin.waiting());
     let picked_up = Instant::now();
     let queued = picked_up.saturating_duration_since(info.received);
     info.hop(
