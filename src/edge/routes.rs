@@ -82,6 +82,14 @@ pub struct Route {
     handler: Handler,
 }
 
+impl Route {
+    /// Whether the dispatcher answers it itself, never behind a worker (liveness and the live
+    /// page); the async twin answers the same routes before any permit.
+    pub fn is_immediate(&self) -> bool {
+        matches!(self.handler, Handler::Immediate(_))
+    }
+}
+
 pub const ROUTES: &[Route] = &[
     Route {
         methods: Methods::Read,

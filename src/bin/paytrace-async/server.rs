@@ -156,15 +156,19 @@ pub async fn handle(State(twin): State<Arc<Twin>>, request: Request) -> Response
         // What the sync server's front refuses before any worker sees it.
         return respond(&twin, Err(refused), &info, &Report::default(), None, false);
     }
-    let found = routes::find(parts.method.as_str(), parts.uri.path()).map(|(r, _)| r.label);
-    if let Ok(label) = found
-        && is_live(label)
+    let found = routes::find(parts.method.as_str(), parts.uri.path()).map(|(r, _)| r);
+    if let Ok(route) = found
+        && route.is_immediate()
     {
-        // Like liveness, never behind a permit: the page must show an overloaded server, and
-        // its controls steer one.
-        let answer = answer_live(&twin, &info, label, &parts, body).await;
-        // Entered once the state is read, as the sync answerer does: a reading does not count
-        // itself among the requests in flight.
+        // Never behind a permit, as the sync dispatcher answers these itself: liveness (a
+        // server whose workers are all busy is overloaded, not dead) and the live page (it must
+        // show an overloaded server, and its controls steer one).
+        let answer = match route.label {
+            "GET /healthz" => Ok(routes::healthz()),
+            label => answer_live(&twin, &info, label, &parts, body).await,
+        };
+        // Entered once the answer is ready, as the sync answerer does: a state reading does
+        // not count itself among the requests in flight.
         let _running = app
             .inflight
             .enter(&info.request_id, &info.method, &info.path);
@@ -173,23 +177,6 @@ pub async fn handle(State(twin): State<Arc<Twin>>, request: Request) -> Response
             answer,
             &info,
             &Report::default(),
-            None,
-            wants_keep_alive,
-        );
-    }
-    let is_liveness = matches!(found, Ok("GET /healthz"));
-    if is_liveness {
-        // Liveness never waits for a permit: a server whose workers are all busy is
-        // overloaded, not dead.
-        let _running = app
-            .inflight
-            .enter(&info.request_id, &info.method, &info.path);
-        let report = Report::default();
-        return respond(
-            &twin,
-            Ok(routes::healthz()),
-            &info,
-            &report,
             None,
             wants_keep_alive,
         );
@@ -304,15 +291,15 @@ async fn route(
     let app = &twin.app;
     let (r, id) = routes::find(parts.method.as_str(), parts.uri.path())?;
     match r.label {
-        "GET /healthz" => return Ok(routes::healthz()),
+        // Liveness and the live page are answered before admission (see `handle`): never
+        // here, and never by the payment routes below.
+        _ if r.is_immediate() => return Err(ApiError::NotFound),
         "GET /readyz" => {
             let app = app.clone();
             return blocking(move || routes::readyz(&app)).await;
         }
         "GET /metrics" => return Ok(routes::render_metrics(app, twin.provider.breaker_state())),
         "GET /openapi.json" => return Ok(routes::openapi(app)),
-        // Answered before admission (see `handle`); never reached.
-        label if is_live(label) => return Err(ApiError::NotFound),
         _ => {}
     }
     let headers = ChainHeaders {
@@ -392,15 +379,6 @@ async fn create(
         payment::finish(app, c, claimed, charged, report)
     })
     .await
-}
-
-/// The live page's routes: answered by [`answer_live`] before any permit, as the sync server's
-/// dispatcher answers them without a worker.
-fn is_live(label: &str) -> bool {
-    matches!(
-        label,
-        "GET /" | "GET /debug/state" | "PUT /debug/provider-faults" | "POST /debug/burst"
-    )
 }
 
 /// The live page, its state and its controls, from the library's `live` module. A control's
