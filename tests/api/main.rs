@@ -6,6 +6,7 @@ mod backpressure;
 mod breaker;
 mod budget;
 mod cli;
+mod compare;
 mod guards;
 mod hostile;
 mod idempotency;
