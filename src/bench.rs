@@ -15,6 +15,7 @@ use clap::Args;
 use serde_json::{Value, json};
 
 use crate::load::{self, LoadConfig};
+use crate::provider::sim::CHARGES_PATH;
 
 pub mod cluster;
 pub mod compare;
@@ -50,6 +51,9 @@ struct Scenario {
     concurrency: u32,
     /// Little's law: workers / provider latency.
     little: Option<f64>,
+    /// Measure the provider alone first, with this many clients and no server between: what it
+    /// gives that many callers at most, on this machine (the bound Little's law meets in fact).
+    provider_alone: Option<u32>,
     /// A second, light client in the same server for the same time: (path, concurrency).
     /// The flood row reads how fast its answers come while the main clients are refused.
     probe: Option<(&'static str, u32)>,
@@ -72,6 +76,7 @@ fn scenarios() -> Vec<Scenario> {
             serve_args: base(&[]),
             concurrency: 32,
             little: None,
+            provider_alone: None,
             probe: None,
         },
         Scenario {
@@ -81,6 +86,7 @@ fn scenarios() -> Vec<Scenario> {
             serve_args: base(&["--sync", "full"]),
             concurrency: 32,
             little: None,
+            provider_alone: None,
             probe: None,
         },
         Scenario {
@@ -90,6 +96,7 @@ fn scenarios() -> Vec<Scenario> {
             serve_args: base(&["--sync", "normal"]),
             concurrency: 32,
             little: None,
+            provider_alone: None,
             probe: None,
         },
     ];
@@ -103,6 +110,7 @@ fn scenarios() -> Vec<Scenario> {
             // already queued, so the workers, not the client's reconnects, set the pace.
             concurrency: workers * 2,
             little: Some(f64::from(workers) / 0.050),
+            provider_alone: Some(workers),
             probe: None,
         });
     }
@@ -129,6 +137,7 @@ fn scenarios() -> Vec<Scenario> {
         .collect(),
         concurrency: 64,
         little: Some(2.0 / 0.050),
+        provider_alone: None,
         probe: Some(("/healthz", 2)),
     });
     list
@@ -365,20 +374,21 @@ pub fn run(config: BenchConfig) -> Result<(), String> {
             provider.1.clone(),
         ];
         args.extend(s.serve_args.iter().cloned());
+        // Before the server starts, so that nothing else runs beside it.
+        let provider_alone = match s.provider_alone {
+            Some(clients) => {
+                let alone = closed_loop(&provider.1, CHARGES_PATH, clients, config.duration);
+                let summary = load::execute(&alone, false)
+                    .map_err(|e| format!("{}: the provider alone: {e}", s.name))?;
+                Some(summary["throughput"].clone())
+            }
+            None => None,
+        };
         let serve = spawn(&args)?;
         let pid = serve.0.id();
         let threads = ThreadPeak::watch(pid);
-        let load_config = |path: &str, concurrency: u32| LoadConfig {
-            url: serve.1.clone(),
-            api_key: crate::config::DEV_API_KEY.into(),
-            concurrency,
-            duration: Some(config.duration),
-            requests: None,
-            rate: None,
-            replay_fraction: 0.0,
-            path: path.into(),
-            timeout: Duration::from_secs(10),
-            json: true,
+        let load_config = |path: &str, concurrency: u32| {
+            closed_loop(&serve.1, path, concurrency, config.duration)
         };
         let batches_before = batch_totals(&serve.1);
         let cpu_before = cpu_jiffies();
@@ -420,6 +430,7 @@ pub fn run(config: BenchConfig) -> Result<(), String> {
             "scenario": s.name,
             "throughput": summary["throughput"],
             "little_bound": s.little,
+            "provider_alone": provider_alone,
             "p50_ms": summary["latency_ms"]["p50"],
             "p99_ms": summary["latency_ms"]["p99"],
             "p999_ms": summary["latency_ms"]["p99.9"],
@@ -456,16 +467,32 @@ pub fn run(config: BenchConfig) -> Result<(), String> {
     Ok(())
 }
 
+/// A closed-loop load of `concurrency` clients on `url` + `path` for `duration`.
+fn closed_loop(url: &str, path: &str, concurrency: u32, duration: Duration) -> LoadConfig {
+    LoadConfig {
+        url: url.into(),
+        api_key: crate::config::DEV_API_KEY.into(),
+        concurrency,
+        duration: Some(duration),
+        requests: None,
+        rate: None,
+        replay_fraction: 0.0,
+        path: path.into(),
+        timeout: Duration::from_secs(10),
+        json: true,
+    }
+}
+
 /// The bench's table (and the flood's, when a flood row ran) as Markdown.
 fn render_table(rows: &[Value], duration: Duration) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "| scenario ({} each, closed loop) | req/s | workers/latency | p50 ms | p99 ms | p99.9 ms | peak RSS MiB | threads | CPU busy % | non-2xx | batch |",
+        "| scenario ({} each, closed loop) | req/s | workers/latency | provider alone | p50 ms | p99 ms | p99.9 ms | peak RSS MiB | threads | CPU busy % | non-2xx | batch |",
         humantime::format_duration(duration)
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         let little = r["little_bound"]
             .as_f64()
@@ -474,12 +501,16 @@ fn render_table(rows: &[Value], duration: Duration) -> String {
         let batch = r["batch_mean"]
             .as_f64()
             .map_or_else(|| "—".into(), |b| format!("{b:.1}"));
+        let alone = r["provider_alone"]
+            .as_f64()
+            .map_or_else(|| "—".into(), |a| format!("{a:.0}"));
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r["scenario"].as_str().unwrap_or(""),
             r["throughput"],
             little,
+            alone,
             r["p50_ms"],
             r["p99_ms"],
             r["p999_ms"],
@@ -631,6 +662,31 @@ paytrace_db_batch_size_other 99
         assert!(lines[3].ends_with("| 0 | 5.7 |"), "{table}");
         assert!(lines[4].ends_with("| 0 | — |"), "{table}");
         assert!(!table.contains("null"), "{table}");
+    }
+
+    #[test]
+    fn the_table_puts_the_provider_alone_beside_littles_bound() {
+        let row = |little: Value, alone: Value| {
+            json!({
+                "scenario": "POST /payments, x", "throughput": 595.8, "little_bound": little,
+                "provider_alone": alone, "p50_ms": 1.0, "p99_ms": 2.0, "p999_ms": 3.0,
+                "peak_rss_mib": 9.5, "peak_threads": 12, "requests": 500, "non_2xx": 0,
+                "cpu_busy_pct": 50.0,
+            })
+        };
+        let rows = [
+            row(json!(640.0), json!(611.6)),
+            row(Value::Null, Value::Null),
+        ];
+        let table = render_table(&rows, Duration::from_secs(5));
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(
+            lines[0].contains("| req/s | workers/latency | provider alone | p50 ms |"),
+            "{table}"
+        );
+        assert!(lines[2].contains("| 595.8 | 640 | 612 | 1.0 |"), "{table}");
+        assert!(lines[3].contains("| 595.8 | — | — | 1.0 |"), "{table}");
+        assert_eq!(lines[1].matches('|').count(), lines[2].matches('|').count());
     }
 
     #[test]

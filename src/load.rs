@@ -20,6 +20,7 @@ use rand::Rng;
 use serde_json::{Value, json};
 
 use crate::config::{parse_fraction, parse_positive_duration};
+use crate::provider::sim::CHARGES_PATH;
 
 #[derive(Args, Clone, Debug)]
 pub struct LoadConfig {
@@ -54,7 +55,9 @@ pub struct LoadConfig {
         value_parser = parse_fraction
     )]
     pub replay_fraction: f64,
-    /// The path to load: /payments is POSTed with a fresh Idempotency-Key; any other is a GET.
+    /// The path to load: /payments is POSTed with a fresh Idempotency-Key, and so is
+    /// /v1/charges (the simulated provider's charge, to measure the provider alone); any other
+    /// is a GET.
     #[arg(long, env = "PAYTRACE_LOAD_PATH", default_value = "/payments")]
     pub path: String,
     /// Client timeout of one request.
@@ -376,7 +379,13 @@ fn send_loop(plan: &Plan, agent: &ureq::Agent) -> Tally {
     let mut tally = Tally::new();
     let mut rng = rand::rng();
     let cfg = &plan.config;
-    let payments = cfg.path == "/payments";
+    // What a new charge is answered with: a payment is created (201), a provider's charge made
+    // (200); `None` for a path that is only read.
+    let created = match cfg.path.as_str() {
+        "/payments" => Some(201),
+        CHARGES_PATH => Some(200),
+        _ => None,
+    };
     while let Some((i, due)) = plan.next() {
         if let Some(due) = due {
             let now = Instant::now();
@@ -386,7 +395,7 @@ fn send_loop(plan: &Plan, agent: &ureq::Agent) -> Tally {
         }
         let sent = due.unwrap_or_else(Instant::now);
         let url = format!("{}{}", cfg.url.trim_end_matches('/'), cfg.path);
-        let result = if payments {
+        let result = if let Some(created) = created {
             let replay = if rng.random_bool(cfg.replay_fraction) {
                 let used = plan.used.lock().unwrap_or_else(|e| e.into_inner());
                 (!used.is_empty()).then(|| used[rng.random_range(0..used.len())].clone())
@@ -406,7 +415,7 @@ fn send_loop(plan: &Plan, agent: &ureq::Agent) -> Tally {
                 .header("Idempotency-Key", &key)
                 .header("Content-Type", "application/json")
                 .send(body.as_bytes());
-            if matches!(&r, Ok(resp) if resp.status().as_u16() == 201) {
+            if matches!(&r, Ok(resp) if resp.status().as_u16() == created) {
                 plan.used
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())

@@ -29,6 +29,9 @@ use crate::edge::http;
 use crate::listener::listen;
 use crate::reply::Reply;
 
+/// Where charges are made (`POST`) and looked up by key (`GET`).
+pub const CHARGES_PATH: &str = "/v1/charges";
+
 /// How long a hung request is held before it is dropped: longer than any sane client waits.
 pub const HANG_FOR: Duration = Duration::from_secs(30);
 /// Threads taking requests off tiny_http's queue; slow answers do not occupy them.
@@ -183,11 +186,11 @@ fn handle(state: &State, mut request: Request) {
     let (path, query) = http::split_target(request.url());
     let (path, query) = (path.to_string(), query.to_string());
     let reply = match (request.method(), path.as_str()) {
-        (Method::Post, "/v1/charges") => {
+        (Method::Post, CHARGES_PATH) => {
             state.stats.requests.fetch_add(1, Ordering::Relaxed);
             return create_charge(state, request);
         }
-        (Method::Get, "/v1/charges") => {
+        (Method::Get, CHARGES_PATH) => {
             state.stats.requests.fetch_add(1, Ordering::Relaxed);
             let key = http::query_pairs(&query)
                 .into_iter()
@@ -200,7 +203,7 @@ fn handle(state: &State, mut request: Request) {
         (Method::Get, "/v1/stats") => Reply::json(200, &stats(state)),
         (Method::Get, "/_control/faults") => Reply::json(200, &current_faults(state)),
         (Method::Put, "/_control/faults") => update_faults(state, &mut request),
-        (_, "/v1/charges" | "/v1/stats" | "/_control/faults") => error(405, "method_not_allowed"),
+        (_, CHARGES_PATH | "/v1/stats" | "/_control/faults") => error(405, "method_not_allowed"),
         _ => error(404, "not_found"),
     };
     let _ = http::send(request, &reply);

@@ -104,6 +104,33 @@ fn the_servers_address_variable_does_not_move_the_provider() {
 }
 
 #[test]
+fn load_on_the_providers_charges_measures_the_provider_alone() {
+    // What the bench's `provider alone` column runs: fresh charges straight at the provider.
+    let provider = provider(&["--latency", "0ms"]);
+    let out = paytrace(
+        &[
+            "load",
+            "--url",
+            &provider.url,
+            "--path",
+            "/v1/charges",
+            "--requests",
+            "12",
+            "--concurrency",
+            "3",
+            "--json",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["status"]["200"], 12, "{summary}");
+    let stats = provider_stats(&provider.url);
+    assert_eq!(stats["succeeded"], 12, "one charge per request: {stats}");
+    assert_eq!(stats["replays"], 0, "every key was fresh: {stats}");
+}
+
+#[test]
 fn paytrace_api_key_means_the_servers_keys_for_serve_and_for_load() {
     let keys = "sk_test_one,sk_test_two";
     let dir = tempfile::tempdir().unwrap();
