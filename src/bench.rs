@@ -380,6 +380,17 @@ pub fn run(config: BenchConfig) -> Result<(), String> {
                 let alone = closed_loop(&provider.1, CHARGES_PATH, clients, config.duration);
                 let summary = load::execute(&alone, false)
                     .map_err(|e| format!("{}: the provider alone: {e}", s.name))?;
+                // A bound is only a bound if every call was a charge.
+                let requests = summary["requests"].as_u64().unwrap_or(0);
+                let charged = summary["status"]["200"].as_u64().unwrap_or(0);
+                if charged < requests {
+                    return Err(format!(
+                        "{}: the provider alone answered {} of {requests} calls without a charge: {}",
+                        s.name,
+                        requests - charged,
+                        summary["status"]
+                    ));
+                }
                 Some(summary["throughput"].clone())
             }
             None => None,

@@ -128,6 +128,36 @@ fn load_on_the_providers_charges_measures_the_provider_alone() {
     let stats = provider_stats(&provider.url);
     assert_eq!(stats["succeeded"], 12, "one charge per request: {stats}");
     assert_eq!(stats["replays"], 0, "every key was fresh: {stats}");
+
+    // Replays repeat keys the provider charged (200), as they repeat paid payments (201).
+    let out = paytrace(
+        &[
+            "load",
+            "--url",
+            &provider.url,
+            "--path",
+            "/v1/charges",
+            "--requests",
+            "40",
+            "--concurrency",
+            "1",
+            "--replay-fraction",
+            "0.5",
+            "--json",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let stats = provider_stats(&provider.url);
+    let (charged, replays) = (
+        stats["succeeded"].as_u64().unwrap(),
+        stats["replays"].as_u64().unwrap(),
+    );
+    assert_eq!(charged - 12 + replays, 40, "{stats}");
+    assert!(
+        replays > 0,
+        "half the requests replay a charged key: {stats}"
+    );
 }
 
 #[test]

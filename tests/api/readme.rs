@@ -33,8 +33,9 @@
 //!   once per shell (`cargo build --release && export PATH=…`); the test instead puts the
 //!   binary `cargo test` built first on the PATH, so the examples run without a release build
 //!   (a release build from scratch takes minutes on two cores, the whole test ≈1 minute).
-//!   `paytrace bench` runs with `PAYTRACE_BENCH_DURATION=1s` (its 5 s default times seven
-//!   scenarios would dominate the test; only that it runs and prints its table is checked).
+//!   `paytrace bench` runs with `PAYTRACE_BENCH_DURATION=1s` (its 5 s default times ten loads —
+//!   seven scenarios and three provider-alone runs — would dominate the test; only that it runs
+//!   and prints its table is checked).
 //! - **Exempt.** Blocks made only of `cargo …` commands and the `export PATH=…` line are not
 //!   run: `cargo run --release -- serve`, `cargo test`, `cargo build --release` are what CI
 //!   itself runs. The test checks that exactly those blocks are exempt.
