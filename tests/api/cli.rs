@@ -107,47 +107,36 @@ fn the_servers_address_variable_does_not_move_the_provider() {
 fn load_on_the_providers_charges_measures_the_provider_alone() {
     // What the bench's `provider alone` column runs: fresh charges straight at the provider.
     let provider = provider(&["--latency", "0ms"]);
-    let out = paytrace(
-        &[
+    let load = |more: &[&str]| {
+        let mut args = vec![
             "load",
             "--url",
             &provider.url,
             "--path",
             "/v1/charges",
-            "--requests",
-            "12",
-            "--concurrency",
-            "3",
             "--json",
-        ],
-        &[],
-    );
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        ];
+        args.extend_from_slice(more);
+        let out = paytrace(&args, &[]);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        summary
+    };
+    let summary = load(&["--requests", "12", "--concurrency", "3"]);
     assert_eq!(summary["status"]["200"], 12, "{summary}");
     let stats = provider_stats(&provider.url);
     assert_eq!(stats["succeeded"], 12, "one charge per request: {stats}");
     assert_eq!(stats["replays"], 0, "every key was fresh: {stats}");
 
     // Replays repeat keys the provider charged (200), as they repeat paid payments (201).
-    let out = paytrace(
-        &[
-            "load",
-            "--url",
-            &provider.url,
-            "--path",
-            "/v1/charges",
-            "--requests",
-            "40",
-            "--concurrency",
-            "1",
-            "--replay-fraction",
-            "0.5",
-            "--json",
-        ],
-        &[],
-    );
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    load(&[
+        "--requests",
+        "40",
+        "--concurrency",
+        "1",
+        "--replay-fraction",
+        "0.5",
+    ]);
     let stats = provider_stats(&provider.url);
     let (charged, replays) = (
         stats["succeeded"].as_u64().unwrap(),
