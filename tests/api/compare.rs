@@ -1,6 +1,23 @@
 //! `paytrace bench --compare`: the sync server and its async twin measured in one run.
 
-use std::process::Command;
+use std::path::Path;
+use std::process::{Command, Output};
+
+/// `exe bench --compare` on the /healthz row only, for one second, with `more` flags.
+fn compare_healthz(exe: &Path, more: &[&str]) -> Output {
+    Command::new(exe)
+        .args([
+            "bench",
+            "--compare",
+            "--only",
+            "healthz",
+            "--duration",
+            "1s",
+        ])
+        .args(more)
+        .output()
+        .unwrap()
+}
 
 /// Without the twin next to the binary, it says how to build it instead of measuring one side.
 #[test]
@@ -10,17 +27,7 @@ fn compare_without_the_twin_beside_it_says_how_to_build_it() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let alone = dir.path().join("paytrace");
     std::fs::hard_link(env!("CARGO_BIN_EXE_paytrace"), &alone).unwrap();
-    let out = Command::new(&alone)
-        .args([
-            "bench",
-            "--compare",
-            "--only",
-            "healthz",
-            "--duration",
-            "1s",
-        ])
-        .output()
-        .unwrap();
+    let out = compare_healthz(&alone, &[]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
@@ -37,18 +44,7 @@ fn compare_measures_both_servers_in_one_run() {
 
     let _serial = crate::helpers::exclusive();
     // Built with the feature, cargo puts the twin beside `paytrace`, where --compare looks.
-    let out = Command::new(env!("CARGO_BIN_EXE_paytrace"))
-        .args([
-            "bench",
-            "--compare",
-            "--only",
-            "healthz",
-            "--duration",
-            "1s",
-            "--json",
-        ])
-        .output()
-        .unwrap();
+    let out = compare_healthz(Path::new(env!("CARGO_BIN_EXE_paytrace")), &["--json"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{err}");
     let rows: Value = serde_json::from_slice(&out.stdout).unwrap();
