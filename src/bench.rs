@@ -15,7 +15,7 @@ use clap::Args;
 use serde_json::{Value, json};
 
 use crate::load::{self, LoadConfig};
-use crate::provider::sim::CHARGES_PATH;
+use crate::provider::CHARGES_PATH;
 
 pub mod cluster;
 pub mod compare;

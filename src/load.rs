@@ -20,7 +20,7 @@ use rand::Rng;
 use serde_json::{Value, json};
 
 use crate::config::{parse_fraction, parse_positive_duration};
-use crate::provider::sim::CHARGES_PATH;
+use crate::provider::CHARGES_PATH;
 
 #[derive(Args, Clone, Debug)]
 pub struct LoadConfig {

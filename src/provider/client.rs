@@ -20,6 +20,7 @@ use serde_json::json;
 
 use crate::clock::Clock;
 use crate::metrics::Metrics;
+use crate::provider::CHARGES_PATH;
 use crate::provider::breaker::{
     Breaker, BreakerConfig, Outcome, Permit, State, Transition, Window,
 };
@@ -355,7 +356,7 @@ impl ProviderClient {
         } = *request;
         let mut call = self
             .agent
-            .post(format!("{}/v1/charges", self.base))
+            .post(format!("{}{CHARGES_PATH}", self.base))
             .config()
             .timeout_global(Some(timeout))
             .timeout_connect(Some(self.connect_timeout.min(timeout)))
@@ -403,7 +404,7 @@ impl ProviderClient {
     pub fn lookup(&self, key: &str, timeout: Duration) -> LookupAnswer {
         let sent = self
             .agent
-            .get(format!("{}/v1/charges", self.base))
+            .get(format!("{}{CHARGES_PATH}", self.base))
             .query("idempotency_key", key)
             .config()
             .timeout_global(Some(timeout))

@@ -24,13 +24,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tiny_http::{Method, Request};
 
+use super::CHARGES_PATH;
 use crate::config::ProviderConfig;
 use crate::edge::http;
 use crate::listener::listen;
 use crate::reply::Reply;
-
-/// Where charges are made (`POST`) and looked up by key (`GET`).
-pub const CHARGES_PATH: &str = "/v1/charges";
 
 /// How long a hung request is held before it is dropped: longer than any sane client waits.
 pub const HANG_FOR: Duration = Duration::from_secs(30);

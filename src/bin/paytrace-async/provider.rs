@@ -92,12 +92,13 @@ impl AsyncProvider {
             "currency": request.currency,
             "source": request.source,
         });
-        let built = axum::http::Request::post(format!("{}/v1/charges", self.base))
-            .header("Idempotency-Key", request.idempotency_key)
-            .header("Content-Type", "application/json")
-            .header("User-Agent", "paytrace")
-            .header("Connection", "close")
-            .body(Full::new(Bytes::from(body.to_string())));
+        let built =
+            axum::http::Request::post(format!("{}{}", self.base, paytrace::provider::CHARGES_PATH))
+                .header("Idempotency-Key", request.idempotency_key)
+                .header("Content-Type", "application/json")
+                .header("User-Agent", "paytrace")
+                .header("Connection", "close")
+                .body(Full::new(Bytes::from(body.to_string())));
         let built = match built {
             Ok(b) => b,
             Err(e) => {
